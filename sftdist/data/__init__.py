@@ -1,0 +1,1 @@
+"""Data: load sources, detect and render formats, tokenize with loss masks, report."""

@@ -1,0 +1,17 @@
+"""The one exception type for user mistakes.
+
+Everything a user can get wrong (a path, a key, a row, a flag) raises `UserError` with one line that
+names the file, the row or key, what was found and what was expected. The CLI prints it without a
+traceback and exits with code 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+    """A mistake in the user's input; the message is the whole report."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message.replace("\n", " "))

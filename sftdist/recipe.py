@@ -1,0 +1,311 @@
+"""YAML recipe -> one typed `Recipe`.
+
+The recipe maps 1:1 onto the code: `model` -> model.py, `method`/`lora`/`quantization` -> the
+adapter, `data` -> data/, `train` -> trl's `SFTConfig` (passed through), `output_dir`. Unknown keys
+are errors that suggest the nearest valid key; values are checked against the field's type, so a
+typo fails before any model is loaded. This module imports nothing heavy (the `train` section is
+checked against `SFTConfig` only when `check_train_keys` is called).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sftdist.errors import UserError
+
+METHODS = ("full", "lora", "qlora")
+FORMATS = ("auto", "text", "prompt_completion", "dolly", "alpaca", "messages", "sharegpt")
+LOSS_ON = ("completion", "all")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+RECIPE_FILE = "sftdist_recipe.yaml"
+
+
+@dataclass
+class ModelConfig:
+    """Which model to load and how."""
+
+    name_or_path: str = ""
+    dtype: str = "auto"
+    # "auto": flash_attention_2 when installed on CUDA, else sdpa (both isolate packed samples).
+    attn_implementation: str = "auto"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class LoraConfig:
+    """peft LoRA settings, used by `method: lora` and `method: qlora`."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    # "all-linear" covers nn.Linear and GPT-2's Conv1D, except the output layer.
+    target_modules: str | list[str] = "all-linear"
+    use_dora: bool = False
+    use_rslora: bool = False
+
+
+@dataclass
+class QuantizationConfig:
+    """bitsandbytes 4-bit settings for `method: qlora`."""
+
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    # "auto": bfloat16 where the hardware has it, float32 on CPU.
+    compute_dtype: str = "auto"
+    # dtype the packed 4-bit weights are stored in; "auto" = compute_dtype, so FSDP2/ZeRO-3 can shard them.
+    storage_dtype: str = "auto"
+
+
+@dataclass
+class SourceConfig:
+    """One data source."""
+
+    path: str = ""
+    format: str = "auto"
+    weight: float = 1.0
+    split: str = "train"
+    limit: int | None = None
+
+
+@dataclass
+class DataConfig:
+    """Training/eval data, rendering and packing."""
+
+    train: list[SourceConfig] = field(default_factory=list)
+    eval: list[SourceConfig] = field(default_factory=list)
+    eval_fraction: float = 0.0
+    max_length: int = 1024
+    packing: bool = True
+    loss_on: str = "completion"
+    # Prompt template for instruction formats (dolly, alpaca); see data/templates.py.
+    template: str = "default"
+    # Chat template for chat formats when the tokenizer has none: a name from data/templates.py or a .jinja path.
+    chat_template: str | None = None
+    # Over-long samples are dropped (and counted) unless truncate is true.
+    truncate: bool = False
+    num_proc: int | None = None
+    seed: int = 42
+
+
+@dataclass
+class Recipe:
+    """A whole training run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: str = "full"
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    # Passed through to trl's SFTConfig; keys are checked against it by `check_train_keys`.
+    train: dict[str, Any] = field(default_factory=dict)
+    output_dir: str = "runs/sft"
+    source: str = field(default="", metadata={"internal": True})
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("source")
+        return d
+
+
+def _choices_error(where: str, value: Any, choices: tuple[str, ...]) -> UserError:
+    return UserError(f"{where}: '{value}' is not valid; expected one of: {', '.join(choices)}")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against a field type (str, int, float, bool, X | None, list[X], dataclass)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except UserError:
+                continue
+        raise UserError(f"{where}: got {value!r}, expected {' or '.join(_type_name(a) for a in args)}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise UserError(f"{where}: got {value!r}, expected a list")
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: got {value!r}, expected a mapping")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{where}: got {value!r}, expected true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise UserError(f"{where}: got {value!r}, expected an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 2e-5 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise UserError(f"{where}: got {value!r}, expected a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise UserError(f"{where}: got {value!r}, expected a string")
+    return value
+
+
+def _unknown_key(where: str, key: str, valid: list[str]) -> UserError:
+    near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean '{near[0]}'?" if near else f"; valid keys: {', '.join(sorted(valid))}"
+    path = f"{where}.{key}" if where else key
+    return UserError(f"unknown recipe key '{path}'{hint}")
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise UserError(f"{where or 'recipe'}: expected a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise _unknown_key(where, str(key), list(fields))
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)
+    return cls(**kwargs)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.max_steps=50")
+    key, _, raw = item.partition("=")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides onto the raw mapping (values parsed as YAML scalars)."""
+    for item in overrides:
+        keys, value = _parse_override(item)
+        node = raw
+        for k in keys[:-1]:
+            if not isinstance(node.get(k), dict):
+                node[k] = {}
+            node = node[k]
+        node[keys[-1]] = value
+    return raw
+
+
+def validate(recipe: Recipe) -> Recipe:
+    """Checks that need more than a type: choices, ranges, required keys."""
+    src = recipe.source or "recipe"
+    if not recipe.model.name_or_path:
+        raise UserError(f"{src}: model.name_or_path is required (a local model directory or a hub id)")
+    if recipe.method not in METHODS:
+        raise _choices_error(f"{src}: method", recipe.method, METHODS)
+    if recipe.model.dtype not in DTYPES:
+        raise _choices_error(f"{src}: model.dtype", recipe.model.dtype, DTYPES)
+    for name in ("compute_dtype", "storage_dtype"):
+        if getattr(recipe.quantization, name) not in DTYPES:
+            raise _choices_error(f"{src}: quantization.{name}", getattr(recipe.quantization, name), DTYPES)
+    if recipe.quantization.quant_type not in ("nf4", "fp4"):
+        raise _choices_error(f"{src}: quantization.quant_type", recipe.quantization.quant_type, ("nf4", "fp4"))
+    if recipe.data.loss_on not in LOSS_ON:
+        raise _choices_error(f"{src}: data.loss_on", recipe.data.loss_on, LOSS_ON)
+    if not recipe.data.train:
+        raise UserError(f"{src}: data.train is empty; expected a list of sources, e.g. [{{path: data.jsonl}}]")
+    for kind, sources in (("train", recipe.data.train), ("eval", recipe.data.eval)):
+        for i, s in enumerate(sources):
+            if not s.path:
+                raise UserError(f"{src}: data.{kind}[{i}].path is required")
+            if s.format not in FORMATS:
+                raise _choices_error(f"{src}: data.{kind}[{i}].format", s.format, FORMATS)
+            if s.weight <= 0:
+                raise UserError(f"{src}: data.{kind}[{i}].weight is {s.weight}; expected a positive number")
+    if not 0.0 <= recipe.data.eval_fraction < 1.0:
+        raise UserError(f"{src}: data.eval_fraction is {recipe.data.eval_fraction}; expected 0 <= x < 1")
+    if recipe.data.max_length < 8:
+        raise UserError(f"{src}: data.max_length is {recipe.data.max_length}; expected at least 8")
+    from sftdist.data.templates import CHAT_TEMPLATES, PROMPT_TEMPLATES
+
+    if recipe.data.template not in PROMPT_TEMPLATES:
+        raise _choices_error(f"{src}: data.template", recipe.data.template, tuple(PROMPT_TEMPLATES))
+    ct = recipe.data.chat_template
+    if ct is not None and ct not in CHAT_TEMPLATES and not ct.endswith(".jinja"):
+        raise _choices_error(f"{src}: data.chat_template", ct, (*CHAT_TEMPLATES, "a path ending in .jinja"))
+    return recipe
+
+
+def recipe_from_dict(raw: dict[str, Any], source: str = "recipe") -> Recipe:
+    """Build and validate a Recipe from a plain mapping (what YAML gives)."""
+    recipe = _build(Recipe, raw, "")
+    recipe.source = source
+    return validate(recipe)
+
+
+def load_recipe(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> Recipe:
+    """Read a YAML recipe with the safe loader, apply --set overrides, type-check every key."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{p}: recipe file not found")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{p}:{where} is not valid YAML ({getattr(e, 'problem', e)})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{p}: recipe is not UTF-8 text") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{p}: expected a mapping of recipe keys at the top level, got {type(raw).__name__}")
+    try:
+        return recipe_from_dict(apply_overrides(raw, overrides), source=str(p))
+    except UserError as e:
+        msg = str(e)
+        raise UserError(msg if msg.startswith(str(p)) else f"{p}: {msg}") from None
+
+
+def check_train_keys(recipe: Recipe) -> None:
+    """Check `train:` against trl's SFTConfig fields (imports trl, so it is not done at load time)."""
+    from trl import SFTConfig
+
+    hints = typing.get_type_hints(SFTConfig)
+    names = [f.name for f in dataclasses.fields(SFTConfig) if f.init]
+    owned = {"output_dir", "max_length", "packing", "completion_only_loss", "assistant_only_loss"}
+    for key, value in recipe.train.items():
+        if key in owned:
+            where = "output_dir" if key == "output_dir" else f"data.{key}"
+            raise UserError(f"{recipe.source}: train.{key} is set by sftdist; use the recipe key '{where}' instead")
+        if key not in names:
+            raise _unknown_key("train", key, names)
+        tp = hints.get(key, Any)
+        # trl/transformers fields accept these as strings too (enums, "auto"); only check plain scalars.
+        if tp in (bool, int, float) or typing.get_origin(tp) in (typing.Union, types.UnionType) and all(
+            a in (bool, int, float, type(None)) for a in typing.get_args(tp)
+        ):
+            recipe.train[key] = _coerce(value, tp, f"{recipe.source}: train.{key}")

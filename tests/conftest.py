@@ -1,0 +1,43 @@
+"""Shared test fixtures: the offline environment, the shared fixtures folder, the tiny model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+DOLLY = SHARED / "fixtures" / "dolly-5k" / "train.jsonl"
+GPT2_TINY = SHARED / "fixtures" / "gpt2-tiny-random"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The embedded default model (`sftdist make-tiny-model`), built once per test session."""
+    from sftdist.tiny import make_tiny_model
+
+    out = tmp_path_factory.mktemp("tiny") / "model"
+    make_tiny_model(str(out), seed=0)
+    return out
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600):
+    """Run the real `sftdist` CLI in a subprocess (as a user would) and return the CompletedProcess."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "sftdist", *args],
+        cwd=cwd or REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
