@@ -18,7 +18,9 @@ def training_overrides() -> dict[str, Any]:
 
     overrides: dict[str, Any] = {}
     if not torch.cuda.is_available():
-        overrides.update(use_cpu=True, bf16=False, fp16=False)
+        overrides.update(bf16=False, fp16=False)
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+            overrides["use_cpu"] = True
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             overrides["ddp_backend"] = "gloo"
     return overrides
@@ -44,3 +46,9 @@ def check_state(trainer: Any) -> dict[str, Any]:
             "refusing a silent duplicate run"
         )
     return state
+
+
+def prepare_final_save(trainer: Any) -> None:
+    """Make `save_model` write whole weights: under FSDP `SHARDED_STATE_DICT` it writes nothing."""
+    if getattr(trainer, "is_fsdp_enabled", False):
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")

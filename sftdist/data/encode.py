@@ -1,0 +1,128 @@
+"""Rendered examples -> `input_ids` + `completion_mask`, the pre-tokenized form trl packs and masks.
+
+Gap filled: trl builds completion masks only for prompt/completion rows and assistant masks only
+for chat templates that carry `{% generation %}` markers (most do not). Here both come from one
+rule: a token carries loss if it lies in the completion, or in an assistant turn found by rendering
+the conversation prefix by prefix (works with any prefix-stable chat template). Every sample must
+end its loss region with a stop token (EOS), and BOS appears at most once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sftdist.data.formats import Example
+from sftdist.errors import UserError
+
+
+@dataclass
+class Encoded:
+    """Token ids and loss masks of kept examples, and what was dropped for length."""
+
+    input_ids: list[list[int]] = field(default_factory=list)
+    completion_mask: list[list[int]] = field(default_factory=list)
+    too_long: int = 0
+    truncated: int = 0
+
+
+def stop_token_ids(tokenizer: Any, generation_config: Any = None) -> set[int]:
+    """Token ids that end a generation: the tokenizer's EOS plus the generation config's."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    eos = getattr(generation_config, "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif eos:
+        ids.update(eos)
+    return ids
+
+
+def _bos_prefix(tokenizer: Any) -> list[int]:
+    """[bos] if the tokenizer adds one on its own (Llama), else [] (GPT-2)."""
+    bos = tokenizer.bos_token_id
+    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return [bos] if bos is not None and probe and probe[0] == bos else []
+
+
+class Encoder:
+    """Tokenizes examples the same way for training, `sftdist data` and generation prompts."""
+
+    def __init__(self, tokenizer: Any, max_length: int, loss_on: str, truncate: bool, stop_ids: set[int]) -> None:
+        self.tok = tokenizer
+        self.max_length = max_length
+        self.loss_on = loss_on
+        self.truncate = truncate
+        self.stop_ids = stop_ids
+        self.eos = tokenizer.eos_token_id
+        if self.eos is None:
+            raise UserError("the tokenizer has no EOS token; a model trained without one never learns to stop")
+        self.bos_prefix = _bos_prefix(tokenizer)
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """Ids of an instruction prompt, exactly as they start a training sample (for generation)."""
+        ids = self.tok(prompt, add_special_tokens=False)["input_ids"]
+        if self.bos_prefix and ids[:1] == self.bos_prefix:
+            return ids  # the prompt text already starts with BOS: never two
+        return self.bos_prefix + ids
+
+    def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """Ids of a conversation followed by the assistant generation prompt (for generation)."""
+        text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def _chat(self, messages: list[dict[str, str]], where: str) -> tuple[list[int], list[int]]:
+        tok = self.tok
+        full = tok.apply_chat_template(messages, tokenize=False)
+        spans = []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            start = len(tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True))
+            upto = tok.apply_chat_template(messages[: i + 1], tokenize=False)
+            if not full.startswith(upto) or start > len(upto):
+                raise UserError(
+                    f"{where}: the chat template does not render conversations prefix by prefix, so assistant "
+                    "turns cannot be located; use a ChatML-like template (data.chat_template: chatml)"
+                )
+            spans.append((start, len(upto)))
+        enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
+        ids = enc["input_ids"]
+        mask = [1 if any(s <= a < e for s, e in spans) else 0 for a, _ in enc["offset_mapping"]]
+        if not any(t in self.stop_ids for t, m in zip(ids, mask) if m):
+            raise UserError(
+                f"{where}: the chat template ends assistant turns without the EOS token "
+                f"{tok.eos_token!r}, so the model would never learn to stop; use data.chat_template: chatml"
+            )
+        return ids, mask
+
+    def encode_one(self, ex: Example, where: str) -> tuple[list[int], list[int]]:
+        if ex.kind == "chat":
+            ids, mask = self._chat(ex.messages, where)
+        elif ex.kind == "text":
+            ids = self.prompt_ids(ex.text) + [self.eos]
+            mask = [1] * len(ids)
+        else:
+            p = self.prompt_ids(ex.prompt)
+            c = self.tok(ex.completion, add_special_tokens=False)["input_ids"] + [self.eos]
+            ids, mask = p + c, [0] * len(p) + [1] * len(c)
+        if self.loss_on == "all":
+            mask = [1] * len(ids)
+        return ids, mask
+
+    def encode(self, examples: list[Example], where: str) -> Encoded:
+        """Encode a source's examples; over-long ones are dropped (or truncated when asked)."""
+        out = Encoded()
+        for i, ex in enumerate(examples, start=1):
+            ids, mask = self.encode_one(ex, f"{where} example {i}")
+            if len(ids) > self.max_length:
+                if not self.truncate:
+                    out.too_long += 1
+                    continue
+                ids, mask = ids[: self.max_length], mask[: self.max_length]
+                out.truncated += 1
+                if not any(mask):
+                    out.too_long += 1
+                    continue
+            out.input_ids.append(ids)
+            out.completion_mask.append(mask)
+        return out

@@ -1,0 +1,175 @@
+"""Tokenizer (pad != eos, chat template), model (dtype, attention), 4-bit quantization, LoRA config.
+
+Gaps filled: trl falls back to pad = eos when a tokenizer has none (GPT-2, Llama), which masks the
+EOS out of the loss wherever padding is used and yields a model that never stops; here a distinct
+pad token is added instead. trl also does not refuse an attention implementation that cannot keep
+packed samples apart; here packing is refused for those.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sftdist.data.templates import CHAT_TEMPLATES
+from sftdist.errors import UserError
+from sftdist.recipe import Recipe
+
+# Implementations that honour per-sample position_ids in a padding-free packed row: flash attention
+# takes cu_seqlens; sdpa/eager get a block-diagonal mask from transformers when the KV cache is off.
+PACKING_SAFE_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+PAD_TOKEN = "<|pad|>"
+
+
+def has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def check_model_path(name_or_path: str) -> None:
+    """A local path must be a model directory; anything else must look like a hub id."""
+    p = Path(name_or_path).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise UserError(f"{p}: directory has no config.json, so it is not a model directory")
+        return
+    if p.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
+        raise UserError(f"{name_or_path}: model path does not exist")
+
+
+def load_tokenizer(recipe: Recipe) -> Any:
+    """The tokenizer with a pad token distinct from EOS and the chat template the recipe asks for."""
+    from transformers import AutoTokenizer
+
+    m = recipe.model
+    check_model_path(m.name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(m.name_or_path, trust_remote_code=m.trust_remote_code)
+    except OSError as e:
+        raise UserError(f"{m.name_or_path}: could not load a tokenizer ({str(e).splitlines()[0]})") from None
+    if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
+        tok.add_special_tokens({"pad_token": PAD_TOKEN})
+    ct = recipe.data.chat_template
+    if ct is not None:
+        if ct in CHAT_TEMPLATES:
+            tok.chat_template = CHAT_TEMPLATES[ct]
+        else:
+            path = Path(ct)
+            if not path.is_file():
+                raise UserError(f"{recipe.source}: data.chat_template file {ct} does not exist")
+            tok.chat_template = path.read_text(encoding="utf-8")
+    return tok
+
+
+def model_context_length(config: Any) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def resolve_dtype(name: str, where: str) -> Any:
+    """'auto' -> bf16 on a GPU that has it, fp32 on CPU; fp16 on CPU is refused."""
+    import torch
+
+    cuda = has_cuda()
+    if name == "auto":
+        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    if name == "float16" and not cuda:
+        raise UserError(f"{where} is float16, but no GPU is visible and CPUs do not train in float16; use auto")
+    if name == "bfloat16" and cuda and not torch.cuda.is_bf16_supported():
+        raise UserError(f"{where} is bfloat16, but this GPU lacks bf16; use float16 or auto")
+    return getattr(torch, name)
+
+
+def resolve_attention(recipe: Recipe) -> str:
+    impl = recipe.model.attn_implementation
+    if impl == "auto":
+        import importlib.util
+
+        impl = "flash_attention_2" if has_cuda() and importlib.util.find_spec("flash_attn") else "sdpa"
+    if recipe.data.packing and impl not in PACKING_SAFE_ATTENTION:
+        raise UserError(
+            f"{recipe.source}: model.attn_implementation={impl} cannot keep packed samples from attending to "
+            f"each other; use one of {', '.join(PACKING_SAFE_ATTENTION)} or set data.packing: false"
+        )
+    return impl
+
+
+def quantization_config(recipe: Recipe) -> Any:
+    """bitsandbytes 4-bit config whose storage dtype matches compute, so FSDP2/ZeRO-3 can shard it."""
+    from transformers import BitsAndBytesConfig
+
+    q = recipe.quantization
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as e:  # bitsandbytes raises assorted errors when it has no backend
+        raise UserError(f"method: qlora needs bitsandbytes with 4-bit support, which failed to load ({e})") from None
+    compute = resolve_dtype(q.compute_dtype, f"{recipe.source}: quantization.compute_dtype")
+    storage = compute if q.storage_dtype == "auto" else resolve_dtype(q.storage_dtype, "quantization.storage_dtype")
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=storage,
+    )
+
+
+def lora_config(recipe: Recipe) -> Any:
+    from peft import LoraConfig
+
+    lc = recipe.lora
+    return LoraConfig(
+        r=lc.r,
+        lora_alpha=lc.alpha,
+        lora_dropout=lc.dropout,
+        target_modules=lc.target_modules,
+        use_dora=lc.use_dora,
+        use_rslora=lc.use_rslora,
+        task_type="CAUSAL_LM",
+    )
+
+
+def load_model(recipe: Recipe, tokenizer: Any) -> Any:
+    """The model in the recipe's dtype and attention, resized for an added pad token."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    m = recipe.model
+    config = AutoConfig.from_pretrained(m.name_or_path, trust_remote_code=m.trust_remote_code)
+    ctx = model_context_length(config)
+    if ctx is not None and recipe.data.max_length > ctx:
+        raise UserError(
+            f"{recipe.source}: data.max_length={recipe.data.max_length} is above the context of "
+            f"{m.name_or_path} ({ctx} tokens); lower data.max_length"
+        )
+    kwargs: dict[str, Any] = {
+        "dtype": resolve_dtype(m.dtype, f"{recipe.source}: model.dtype"),
+        "attn_implementation": resolve_attention(recipe),
+        "trust_remote_code": m.trust_remote_code,
+    }
+    if recipe.method == "qlora":
+        kwargs["quantization_config"] = quantization_config(recipe)
+        kwargs["dtype"] = kwargs["quantization_config"].bnb_4bit_compute_dtype
+    weights = {p.suffix for p in Path(m.name_or_path).glob("*") if p.suffix in (".safetensors", ".bin")}
+    if weights == {".bin"}:
+        raise UserError(
+            f"{m.name_or_path}: holds only pickle weights (.bin), which can run code when loaded; "
+            "convert them to safetensors first"
+        )
+    model = AutoModelForCausalLM.from_pretrained(m.name_or_path, use_safetensors=bool(weights) or None, **kwargs)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        # Pad to a multiple of 64: matmuls on the embedding/LM head run faster on GPUs.
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64, mean_resizing=False)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.use_cache = False  # the KV cache would let packed samples attend to each other
+    gc = model.generation_config
+    if gc is not None:
+        gc.pad_token_id = tokenizer.pad_token_id
+        eos = [gc.eos_token_id] if isinstance(gc.eos_token_id, int) else list(gc.eos_token_id or [])
+        if tokenizer.eos_token_id not in eos:
+            eos.insert(0, tokenizer.eos_token_id)
+        gc.eos_token_id = eos[0] if len(eos) == 1 else eos
+    return model

@@ -1,0 +1,116 @@
+"""The training run, top to bottom: recipe -> data -> model -> trl's SFTTrainer -> saved model.
+
+Read this file first. Every step it calls has one job: `data.pipeline` (read, render, tokenize with
+loss masks), `model` (tokenizer, model, quantization, LoRA), `distributed` (what CPU/multi-process
+runs need, and the check that they are really distributed), `checkpoint` (output dir, resume,
+atomic checkpoints, preemption). trl does the packing (best-fit decreasing, padding-free, per-sample
+position_ids) and turns our completion masks into labels.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from sftdist import checkpoint, distributed
+from sftdist.errors import UserError
+from sftdist.recipe import Recipe, check_train_keys
+
+FINAL_DIR = "final"
+RUN_INFO = "sftdist_run.json"
+
+# Our defaults for trl's SFTConfig; any `train:` key in the recipe wins.
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "report_to": ["tensorboard"],
+    # trl turns it on by default; it costs ~30% speed and small models do not need it. Recipes for
+    # large models set it (and `sftdist plan` says when).
+    "gradient_checkpointing": False,
+    "logging_steps": 10,
+    "save_steps": 500,
+    "save_total_limit": 3,
+    "include_num_input_tokens_seen": "non_padding",
+    "dataloader_drop_last": False,
+}
+
+
+def build_sft_config(recipe: Recipe) -> Any:
+    """trl's SFTConfig from the recipe: our defaults, the recipe's `train:`, then what the hardware needs."""
+    from trl import SFTConfig
+
+    from sftdist.model import has_cuda
+
+    check_train_keys(recipe)
+    if not has_cuda():
+        for flag in ("bf16", "fp16"):
+            if recipe.train.get(flag):
+                raise UserError(
+                    f"{recipe.source}: train.{flag}: true, but no GPU is visible and CPU training runs in "
+                    f"float32; remove train.{flag}"
+                )
+    kwargs = {
+        **TRAIN_DEFAULTS,
+        **recipe.train,
+        **distributed.training_overrides(),
+        "output_dir": recipe.output_dir,
+        "max_length": recipe.data.max_length,
+        "packing": recipe.data.packing,
+        "packing_strategy": "bfd",
+        "padding_free": recipe.data.packing,
+        "completion_only_loss": True,  # our completion_mask is all ones when data.loss_on is `all`
+        "dataset_num_proc": recipe.data.num_proc,
+        "seed": recipe.train.get("seed", recipe.data.seed),
+    }
+    try:
+        return SFTConfig(**kwargs)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{recipe.source}: invalid train settings ({str(e).splitlines()[0]})") from None
+
+
+def run_training(recipe: Recipe, resume: bool = True, overwrite: bool = False) -> Path:
+    """Train the recipe in this process (one rank of a launch) and return the final model directory."""
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    from sftdist.data.pipeline import prepare_data
+    from sftdist.model import load_model, load_tokenizer, lora_config
+
+    args = build_sft_config(recipe)
+    tokenizer = load_tokenizer(recipe)
+    data = prepare_data(recipe, tokenizer)
+    model = load_model(recipe, tokenizer)
+    resume_from = checkpoint.prepare_output_dir(recipe, args, resume=resume, overwrite=overwrite)
+
+    trainer = checkpoint.make_trainer_class(SFTTrainer)(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_dict(data.train),
+        eval_dataset=Dataset.from_dict(data.eval) if data.eval else None,
+        processing_class=tokenizer,
+        peft_config=lora_config(recipe) if recipe.method in ("lora", "qlora") else None,
+    )
+    state = distributed.check_state(trainer)
+    if trainer.is_world_process_zero():
+        print(f"sftdist: {json.dumps(state)}", flush=True)
+
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    if trainer.preempted:
+        if trainer.is_world_process_zero():
+            print(f"sftdist: stopped by a signal at step {trainer.state.global_step} after saving a "
+                  "checkpoint; run the same command again to resume", flush=True)
+        raise SystemExit(checkpoint.EXIT_PREEMPTED)
+    metrics = {**result.metrics, "wall_seconds": time.perf_counter() - start}
+    if data.eval:
+        metrics.update(trainer.evaluate())
+
+    final = Path(recipe.output_dir) / FINAL_DIR
+    checkpoint.save_final(trainer, recipe, final)
+    if trainer.is_world_process_zero():
+        trainer.save_state()
+        info = {"distributed": state, "metrics": metrics, "final_dir": str(final)}
+        checkpoint.write_json_atomic(Path(recipe.output_dir) / RUN_INFO, info)
+        print(f"sftdist: saved {final}", flush=True)
+    return final
