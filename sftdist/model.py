@@ -98,8 +98,17 @@ def resolve_attention(recipe: Recipe) -> str:
     return impl
 
 
+def shards_parameters() -> bool:
+    """True under FSDP or ZeRO-3 (set by `accelerate launch`), which flatten and shard parameters."""
+    import os
+
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    return fsdp or os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
+
+
 def quantization_config(recipe: Recipe) -> Any:
-    """bitsandbytes 4-bit config whose storage dtype matches compute, so FSDP2/ZeRO-3 can shard it."""
+    """bitsandbytes 4-bit config; the packed weights are stored in the compute dtype when FSDP2/ZeRO-3
+    must shard them (they only shard floating-point tensors), else in uint8 (bitsandbytes' default)."""
     from transformers import BitsAndBytesConfig
 
     q = recipe.quantization
@@ -107,8 +116,13 @@ def quantization_config(recipe: Recipe) -> Any:
         import bitsandbytes  # noqa: F401
     except Exception as e:  # bitsandbytes raises assorted errors when it has no backend
         raise UserError(f"method: qlora needs bitsandbytes with 4-bit support, which failed to load ({e})") from None
+    import torch
+
     compute = resolve_dtype(q.compute_dtype, f"{recipe.source}: quantization.compute_dtype")
-    storage = compute if q.storage_dtype == "auto" else resolve_dtype(q.storage_dtype, "quantization.storage_dtype")
+    if q.storage_dtype == "auto":
+        storage = compute if shards_parameters() else torch.uint8
+    else:
+        storage = getattr(torch, q.storage_dtype)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=q.quant_type,
@@ -116,6 +130,19 @@ def quantization_config(recipe: Recipe) -> Any:
         bnb_4bit_compute_dtype=compute,
         bnb_4bit_quant_storage=storage,
     )
+
+
+def check_cpu_4bit(model: Any, where: str) -> None:
+    """bitsandbytes' CPU 4-bit kernels (used in eval and generation) need output sizes divisible by 32;
+    without this check the run trains, then fails at its first evaluation."""
+    import bitsandbytes as bnb
+
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit) and module.weight.quant_state.shape[0] % 32:
+            raise UserError(
+                f"{where}: method qlora on CPU needs layer output sizes divisible by 32 (bitsandbytes' CPU "
+                f"kernels), but {name} has {module.weight.quant_state.shape[0]}; use method: lora, or a GPU"
+            )
 
 
 def lora_config(recipe: Recipe) -> Any:
@@ -160,6 +187,8 @@ def load_model(recipe: Recipe, tokenizer: Any) -> Any:
             "convert them to safetensors first"
         )
     model = AutoModelForCausalLM.from_pretrained(m.name_or_path, use_safetensors=bool(weights) or None, **kwargs)
+    if recipe.method == "qlora" and not has_cuda():
+        check_cpu_4bit(model, m.name_or_path)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         # Pad to a multiple of 64: matmuls on the embedding/LM head run faster on GPUs.
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64, mean_resizing=False)

@@ -60,7 +60,8 @@ class QuantizationConfig:
     double_quant: bool = True
     # "auto": bfloat16 where the hardware has it, float32 on CPU.
     compute_dtype: str = "auto"
-    # dtype the packed 4-bit weights are stored in; "auto" = compute_dtype, so FSDP2/ZeRO-3 can shard them.
+    # dtype the packed 4-bit weights are stored in; "auto": compute_dtype under FSDP2/ZeRO-3 (so they
+    # shard), else uint8.
     storage_dtype: str = "auto"
 
 
@@ -228,9 +229,10 @@ def validate(recipe: Recipe) -> Recipe:
         raise _choices_error(f"{src}: method", recipe.method, METHODS)
     if recipe.model.dtype not in DTYPES:
         raise _choices_error(f"{src}: model.dtype", recipe.model.dtype, DTYPES)
-    for name in ("compute_dtype", "storage_dtype"):
-        if getattr(recipe.quantization, name) not in DTYPES:
-            raise _choices_error(f"{src}: quantization.{name}", getattr(recipe.quantization, name), DTYPES)
+    if recipe.quantization.compute_dtype not in DTYPES:
+        raise _choices_error(f"{src}: quantization.compute_dtype", recipe.quantization.compute_dtype, DTYPES)
+    if recipe.quantization.storage_dtype not in (*DTYPES, "uint8"):
+        raise _choices_error(f"{src}: quantization.storage_dtype", recipe.quantization.storage_dtype, (*DTYPES, "uint8"))
     if recipe.quantization.quant_type not in ("nf4", "fp4"):
         raise _choices_error(f"{src}: quantization.quant_type", recipe.quantization.quant_type, ("nf4", "fp4"))
     if recipe.data.loss_on not in LOSS_ON:
