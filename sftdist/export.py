@@ -1,0 +1,142 @@
+"""`sftdist export CHECKPOINT --out DIR`: any checkpoint -> a Hugging Face model directory.
+
+The weights come from the most exact source the checkpoint holds: ZeRO shards are consolidated with
+deepspeed's `zero_to_fp32` (the fp32 master weights), FSDP2 `SHARDED_STATE_DICT` shards with torch's
+distributed-checkpoint reader (what `accelerate merge-weights` does), otherwise the saved safetensors.
+The output is sharded safetensors with an index, the config, the tokenizer and chat template, and a
+generation config whose EOS is the tokenizer's. It is built beside `--out` and renamed at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from sftdist.checkpoint import CHECKPOINT_RE, COMPLETE_MARKER
+from sftdist.errors import UserError
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+)
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "sftdist_recipe.yaml", "trainer_state.json")
+
+
+def checkpoint_kind(ckpt: Path) -> str:
+    """'zero', 'fsdp', 'adapter' or 'full', from what the directory holds."""
+    if any(ckpt.glob("global_step*")):
+        return "zero"
+    if (ckpt / "pytorch_model_fsdp_0").is_dir():
+        return "fsdp"
+    if (ckpt / "adapter_model.safetensors").is_file():
+        return "adapter"
+    if any(ckpt.glob("model*.safetensors")):
+        return "full"
+    raise UserError(f"{ckpt}: holds no model weights (no safetensors, ZeRO or FSDP shards)")
+
+
+def check_checkpoint(ckpt: Path) -> None:
+    if not ckpt.is_dir():
+        raise UserError(f"{ckpt}: checkpoint directory does not exist")
+    if CHECKPOINT_RE.match(ckpt.name) and not (ckpt / COMPLETE_MARKER).is_file():
+        raise UserError(f"{ckpt}: checkpoint is incomplete (no {COMPLETE_MARKER} marker; the run stopped mid-write)")
+    if not (ckpt / "config.json").is_file() and not (ckpt / "adapter_config.json").is_file():
+        raise UserError(f"{ckpt}: no config.json or adapter_config.json, so it is not a model checkpoint")
+
+
+def check_out_dir(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out}: --out exists and is not empty; choose a new directory")
+
+
+def consolidated_state_dict(ckpt: Path, kind: str) -> dict[str, Any]:
+    """Whole, unsharded weights of a full-model checkpoint."""
+    if kind == "zero":
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt))
+    if kind == "fsdp":
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner, _load_state_dict
+
+        state: dict[str, Any] = {}
+        _load_state_dict(
+            state,
+            storage_reader=dcp.FileSystemReader(str(ckpt / "pytorch_model_fsdp_0")),
+            planner=_EmptyStateDictLoadPlanner(),
+            no_dist=True,
+        )
+        return state["model"] if list(state) == ["model"] else state
+    from safetensors.torch import load_file
+
+    state = {}
+    for f in sorted(ckpt.glob("model*.safetensors")):
+        state.update(load_file(str(f)))
+    return state
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+
+
+def _write_full_model(ckpt: Path, kind: str, tmp: Path, max_shard_size: str) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    config = AutoConfig.from_pretrained(ckpt)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    state = consolidated_state_dict(ckpt, kind)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    still_missing = [k for k in missing if getattr(model.get_parameter(k), "is_meta", False)]
+    if still_missing or unexpected:
+        raise UserError(
+            f"{ckpt}: weights do not match config.json (missing {still_missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    gen = GenerationConfig.from_pretrained(ckpt) if (ckpt / "generation_config.json").is_file() else GenerationConfig()
+    gen.eos_token_id = tok.eos_token_id
+    gen.pad_token_id = tok.pad_token_id
+    model.generation_config = gen
+    model.save_pretrained(tmp, max_shard_size=max_shard_size)
+    tok.save_pretrained(tmp)
+
+
+def export_checkpoint(checkpoint: str, out: str, merge: bool, max_shard_size: str) -> Path:
+    """Write `out` from `checkpoint`; nothing is left in `out` if anything fails."""
+    ckpt, out_path = Path(checkpoint), Path(out)
+    check_checkpoint(ckpt)
+    check_out_dir(out_path)
+    kind = checkpoint_kind(ckpt)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
+    try:
+        if kind == "adapter" and merge:
+            from sftdist.merge import merge_adapter
+
+            shutil.rmtree(tmp)
+            merge_adapter(base=None, adapter=str(ckpt), out=str(tmp), max_shard_size=max_shard_size)
+        elif kind == "adapter":
+            for name in ADAPTER_FILES:
+                if (ckpt / name).is_file():
+                    shutil.copy2(ckpt / name, tmp / name)
+            _copy_tokenizer(ckpt, tmp)
+        else:
+            _write_full_model(ckpt, kind, tmp, max_shard_size)
+        if out_path.exists():
+            out_path.rmdir()
+        os.replace(tmp, out_path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_path

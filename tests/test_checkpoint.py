@@ -1,0 +1,154 @@
+"""Checkpoints resume exactly, incomplete ones are invisible, a signal saves and the next start
+resumes, and export turns a checkpoint into a loadable model with the same weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, run_cli
+from sftdist.checkpoint import COMPLETE_MARKER, EXIT_PREEMPTED
+
+DEMO = REPO / "sftdist" / "demo" / "train.jsonl"
+
+
+def recipe(tmp_path: Path, model: Path, max_steps: int = 6, name: str = "run") -> Path:
+    r = {
+        "model": {"name_or_path": str(model)},
+        "data": {"train": [{"path": str(DEMO), "limit": 400}], "max_length": 128},
+        "train": {
+            "max_steps": max_steps,
+            "save_steps": 3,
+            "logging_steps": 1,
+            "per_device_train_batch_size": 4,
+            "learning_rate": 1e-3,
+            "report_to": [],
+        },
+        "output_dir": str(tmp_path / name),
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(r))
+    return path
+
+
+def losses(run: Path) -> list[float]:
+    return [e["loss"] for e in json.loads((run / "trainer_state.json").read_text())["log_history"] if "loss" in e]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_model):
+    tmp = tmp_path_factory.mktemp("ckpt")
+    r = recipe(tmp, tiny_model)
+    proc = run_cli("train", str(r))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return r, tmp / "run"
+
+
+def test_checkpoints_are_marked_complete(uninterrupted):
+    _, run = uninterrupted
+    for step in (3, 6):
+        assert json.loads((run / f"checkpoint-{step}" / COMPLETE_MARKER).read_text()) == {"global_step": step}
+        assert (run / f"checkpoint-{step}" / "optimizer.pt").is_file()
+        assert (run / f"checkpoint-{step}" / "model.safetensors").is_file()
+
+
+def test_resume_reproduces_losses_exactly(tmp_path, uninterrupted):
+    r, run = uninterrupted
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    for p in ("checkpoint-6", "final", "trainer_state.json"):
+        shutil.rmtree(copy / p) if (copy / p).is_dir() else (copy / p).unlink()
+    r2 = tmp_path / "r2.yaml"
+    r2.write_text(yaml.safe_dump({**yaml.safe_load(r.read_text()), "output_dir": str(copy)}))
+    # The recipe saved in the copy names the old output_dir; fix it so the recipes match.
+    (copy / "sftdist_recipe.yaml").write_text(
+        (copy / "sftdist_recipe.yaml").read_text().replace(str(run), str(copy))
+    )
+    # A kill mid-write of a later checkpoint: the directory exists but has no marker.
+    (copy / "checkpoint-9").mkdir()
+    (copy / "checkpoint-9" / "model.safetensors").write_bytes(b"partial")
+    proc = run_cli("train", str(r2))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"resuming from {copy / 'checkpoint-3'}" in proc.stdout
+    assert losses(copy) == losses(run)  # exactly equal on CPU
+
+
+def test_other_recipe_in_output_dir_is_refused(tmp_path, uninterrupted):
+    r, run = uninterrupted
+    raw = yaml.safe_load(r.read_text())
+    raw["train"]["learning_rate"] = 5e-4
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump(raw))
+    before = sorted(p.name for p in run.iterdir())
+    proc = run_cli("train", str(other))
+    assert proc.returncode == 2
+    assert "holds another recipe's run" in proc.stderr and "--overwrite" in proc.stderr
+    assert sorted(p.name for p in run.iterdir()) == before
+
+
+def test_sigterm_saves_then_next_start_resumes(tmp_path, tiny_model):
+    r = recipe(tmp_path, tiny_model, max_steps=40)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sftdist", "train", str(r)],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    deadline = time.time() + 300
+    for line in proc.stdout:
+        if "'loss'" in line or '"loss"' in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+        assert time.time() < deadline
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=300) == EXIT_PREEMPTED, rest[-2000:]
+    run = tmp_path / "run"
+    ckpts = sorted(run.glob("checkpoint-*"))
+    assert ckpts and all((c / COMPLETE_MARKER).is_file() for c in ckpts)
+    assert not (run / "final").exists()
+    step = int(ckpts[-1].name.split("-")[1])
+    assert 0 < step < 40
+    # The next start resumes from it (a short max_steps override would change the recipe; run on).
+    resumed = run_cli("train", str(r), env={"PYTHONUNBUFFERED": "1"})
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming from {ckpts[-1]}" in resumed.stdout
+    assert (run / "final" / "model.safetensors").is_file()
+
+
+def test_export_full_checkpoint_matches_weights(tmp_path, uninterrupted):
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, run = uninterrupted
+    out = tmp_path / "exported"
+    proc = run_cli("export", str(run / "checkpoint-6"), "--out", str(out), "--max-shard-size", "200KB")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "model.safetensors.index.json").is_file() and len(list(out.glob("model-*.safetensors"))) >= 4
+    model = AutoModelForCausalLM.from_pretrained(out)
+    saved = load_file(str(run / "checkpoint-6" / "model.safetensors"))
+    for name, tensor in model.state_dict().items():
+        if name in saved:
+            assert torch.equal(tensor, saved[name]), name
+    tok = AutoTokenizer.from_pretrained(out)
+    assert model.generation_config.eos_token_id == tok.eos_token_id
+    assert tok.chat_template
+
+
+def test_export_refuses_incomplete_checkpoint_and_leaves_nothing(tmp_path, uninterrupted):
+    _, run = uninterrupted
+    broken = tmp_path / "checkpoint-3"
+    shutil.copytree(run / "checkpoint-3", broken)
+    (broken / COMPLETE_MARKER).unlink()
+    out = tmp_path / "out"
+    proc = run_cli("export", str(broken), "--out", str(out))
+    assert proc.returncode == 2 and "incomplete" in proc.stderr
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))
