@@ -70,13 +70,14 @@ def model_context_length(config: Any) -> int | None:
     return None
 
 
-def resolve_dtype(name: str, where: str) -> Any:
-    """'auto' -> bf16 on a GPU that has it, fp32 on CPU; fp16 on CPU is refused."""
+def resolve_dtype(name: str, where: str, trainable: bool = False) -> Any:
+    """'auto' -> fp32 for weights that train (bf16 autocast computes, AdamW keeps fp32 masters) and on
+    CPU; bf16 for frozen weights on a GPU that has it. fp16 on CPU is refused."""
     import torch
 
     cuda = has_cuda()
     if name == "auto":
-        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() and not trainable else torch.float32
     if name == "float16" and not cuda:
         raise UserError(f"{where} is float16, but no GPU is visible and CPUs do not train in float16; use auto")
     if name == "bfloat16" and cuda and not torch.cuda.is_bf16_supported():
@@ -165,7 +166,15 @@ def load_model(recipe: Recipe, tokenizer: Any) -> Any:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     m = recipe.model
-    config = AutoConfig.from_pretrained(m.name_or_path, trust_remote_code=m.trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(m.name_or_path, trust_remote_code=m.trust_remote_code)
+    except (OSError, ValueError) as e:
+        if "trust_remote_code" in str(e):
+            raise UserError(
+                f"{m.name_or_path}: config.json needs the model's own Python code (auto_map), which sftdist does not "
+                f"run unless {recipe.source} sets model.trust_remote_code: true"
+            ) from None
+        raise UserError(f"{m.name_or_path}: could not read config.json ({str(e).strip().splitlines()[0]})") from None
     ctx = model_context_length(config)
     if ctx is not None and recipe.data.max_length > ctx:
         raise UserError(
@@ -173,7 +182,7 @@ def load_model(recipe: Recipe, tokenizer: Any) -> Any:
             f"{m.name_or_path} ({ctx} tokens); lower data.max_length"
         )
     kwargs: dict[str, Any] = {
-        "dtype": resolve_dtype(m.dtype, f"{recipe.source}: model.dtype"),
+        "dtype": resolve_dtype(m.dtype, f"{recipe.source}: model.dtype", trainable=recipe.method == "full"),
         "attn_implementation": resolve_attention(recipe),
         "trust_remote_code": m.trust_remote_code,
     }
