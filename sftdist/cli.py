@@ -35,6 +35,61 @@ def train(recipe: str, overrides: tuple[str, ...], no_resume: bool, overwrite: b
     run_training(load_recipe(recipe, overrides), resume=not no_resume, overwrite=overwrite)
 
 
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option(
+    "--strategy",
+    required=True,
+    metavar="NAME",
+    help="single, ddp, fsdp2, zero1, zero2, zero3, zero3-offload, or the path of your own accelerate config.",
+)
+@click.option("--num-processes", type=int, help="Processes per machine [default: visible GPUs; required on CPU].")
+@click.option("--num-machines", type=int, default=1, show_default=True)
+@click.option("--machine-rank", type=int, default=0, show_default=True, help="This machine's rank (0 hosts the group).")
+@click.option("--main-process-ip", help="Address of the rank-0 machine (needed with --num-machines > 1).")
+@click.option("--main-process-port", type=int, help="Port on the rank-0 machine [default: 29500].")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--no-resume", is_flag=True, help="Passed to `sftdist train`.")
+@click.option("--overwrite", is_flag=True, help="Passed to `sftdist train`.")
+@click.option("--dry-run", is_flag=True, help="Print the exact command and environment; start nothing.")
+@click.argument("accelerate_args", nargs=-1, type=click.UNPROCESSED)
+def launch(
+    recipe: str,
+    strategy: str,
+    num_processes: int | None,
+    num_machines: int,
+    machine_rank: int,
+    main_process_ip: str | None,
+    main_process_port: int | None,
+    overrides: tuple[str, ...],
+    no_resume: bool,
+    overwrite: bool,
+    dry_run: bool,
+    accelerate_args: tuple[str, ...],
+) -> None:
+    """Train RECIPE on one or more processes/machines with a strategy; args after `--` go to `accelerate launch`."""
+    from sftdist.launcher import plan_launch, run_launch
+
+    plan = plan_launch(
+        recipe,
+        strategy,
+        num_processes=num_processes,
+        num_machines=num_machines,
+        machine_rank=machine_rank,
+        main_process_ip=main_process_ip,
+        main_process_port=main_process_port,
+        overrides=overrides,
+        train_flags=[f for f, on in (("--no-resume", no_resume), ("--overwrite", overwrite)) if on],
+        accelerate_args=accelerate_args,
+    )
+    if dry_run:
+        click.echo(plan.render())
+        return
+    code = run_launch(plan)
+    if code:
+        raise SystemExit(code)
+
+
 @cli.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
@@ -97,6 +152,91 @@ def make_tiny_model_cmd(out_dir: str, seed: int) -> None:
 
     make_tiny_model(out_dir, seed=seed)
     click.echo(f"wrote {out_dir}")
+
+
+@cli.command("merge-adapter")
+@click.option("--base", required=True, help="The base model directory the adapter was trained on.")
+@click.option("--adapter", required=True, help="The peft LoRA adapter directory (e.g. a run's final/).")
+@click.option("--out", required=True, help="New directory for the merged model (must not exist or be empty).")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), help="Output dtype [default: the base's].")
+@click.option("--max-shard-size", help="Re-shard the output, e.g. 2GB [default: one output shard per base shard].")
+@click.option("--device", default="cpu", show_default=True, help="Where the merge arithmetic runs.")
+@click.option("--no-verify", is_flag=True, help="Skip comparing logits with base + adapter (loads the whole model).")
+@click.option(
+    "--quantized-base",
+    type=click.Choice(["nf4", "fp4", "none"]),
+    help="The 4-bit type the adapter was trained against [default: from the run's sftdist_recipe.yaml].",
+)
+@click.option(
+    "--merge-into",
+    type=click.Choice(["quantized", "original"]),
+    help="QLoRA: merge into the dequantized 4-bit weights the adapter saw, or the original ones [default: quantized].",
+)
+@click.option("--allow-pickle", is_flag=True, help="Accept .bin (pickle) weights, which can run code when loaded.")
+def merge_adapter_cmd(
+    base: str,
+    adapter: str,
+    out: str,
+    dtype: str | None,
+    max_shard_size: str | None,
+    device: str,
+    no_verify: bool,
+    quantized_base: str | None,
+    merge_into: str | None,
+    allow_pickle: bool,
+) -> None:
+    """Merge a LoRA/QLoRA adapter into its base, one shard at a time, verify it, and write a model card."""
+    from sftdist.merge import merge_adapter
+
+    result = merge_adapter(
+        base,
+        adapter,
+        out,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        device=device,
+        verify=not no_verify,
+        quantized_base=quantized_base,
+        merge_into=merge_into,
+        allow_pickle=allow_pickle,
+    )
+    click.echo(f"wrote {result.out} ({len(result.files)} weight file(s), {result.dtype})")
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--gpus", type=click.IntRange(min=1), required=True, help="GPUs per node.")
+@click.option("--gpu-memory", required=True, help="Memory of one GPU, e.g. 80GiB, 24GB, 81920MiB.")
+@click.option(
+    "--nodes", type=click.IntRange(min=1), default=1, show_default=True, help="Machines (GPUs in all: gpus x nodes)."
+)
+@click.option("--cpu-memory", help="CPU RAM per node, e.g. 1TiB; zero3-offload is only recommended when given.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+def plan(
+    recipe: str, gpus: int, gpu_memory: str, nodes: int, cpu_memory: str | None, overrides: tuple[str, ...]
+) -> None:
+    """Estimate memory per GPU for every strategy and recommend the fastest that fits (reads config.json only)."""
+    from sftdist.plan import format_plan, make_plan, no_fit_error, parse_size
+    from sftdist.recipe import load_recipe
+
+    gpu_bytes = parse_size(gpu_memory, "--gpu-memory")
+    cpu_bytes = parse_size(cpu_memory, "--cpu-memory") if cpu_memory else None
+    result = make_plan(load_recipe(recipe, overrides), gpus, gpu_bytes, nodes, cpu_bytes)
+    click.echo(format_plan(result))
+    if result.recommended is None:
+        raise no_fit_error(result)
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="New directory for the model.")
+@click.option("--merge", is_flag=True, help="For a LoRA/QLoRA checkpoint: merge the adapter into its base.")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors shard.")
+def export(checkpoint: str, out: str, merge: bool, max_shard_size: str) -> None:
+    """Turn any checkpoint (single, DDP, ZeRO, FSDP2, LoRA) into a Hugging Face model directory."""
+    from sftdist.export import export_checkpoint
+
+    click.echo(f"wrote {export_checkpoint(checkpoint, out, merge=merge, max_shard_size=max_shard_size)}")
 
 
 def main() -> None:
