@@ -123,10 +123,13 @@ def export_checkpoint(checkpoint: str, out: str, merge: bool, max_shard_size: st
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
     try:
         if kind == "adapter" and merge:
+            import json
+
             from sftdist.merge import merge_adapter
 
-            shutil.rmtree(tmp)
-            merge_adapter(base=None, adapter=str(ckpt), out=str(tmp), max_shard_size=max_shard_size)
+            base = json.loads((ckpt / "adapter_config.json").read_text(encoding="utf-8"))["base_model_name_or_path"]
+            tmp.rmdir()  # merge_adapter builds its own temporary directory and renames it into place
+            merge_adapter(base, str(ckpt), str(tmp), max_shard_size=max_shard_size)
         elif kind == "adapter":
             for name in ADAPTER_FILES:
                 if (ckpt / name).is_file():

@@ -77,6 +77,14 @@ def test_method_learns_and_saves_loadable_model(tmp_path, tiny_model, method):
 
         assert (final / "adapter_model.safetensors").is_file()
         model = AutoPeftModelForCausalLM.from_pretrained(final, dtype=torch.float32)
+        if method == "lora":  # export --merge gives a plain model that answers like base + adapter
+            merged_dir = tmp_path / "merged"
+            proc = run_cli("export", str(final), "--out", str(merged_dir), "--merge")
+            assert proc.returncode == 0, proc.stderr[-2000:]
+            merged = AutoModelForCausalLM.from_pretrained(merged_dir)
+            prompt = torch.tensor([tok("### Instruction:\nRepeat the words.")["input_ids"]])
+            kw = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": tok.pad_token_id}
+            assert torch.equal(merged.generate(prompt, **kw), model.generate(input_ids=prompt, **kw))
     out = model.generate(torch.tensor([[tok.bos_token_id]]), max_new_tokens=3, do_sample=False)
     assert out.shape[1] >= 2
 

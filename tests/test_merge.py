@@ -1,0 +1,328 @@
+"""`sftdist merge-adapter`: merged weights equal peft's merge, greedy text equal, QLoRA merged into
+the 4-bit weights, sharded streaming, the model card, and the refusals (exit 2, nothing written)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import GPT2_TINY, run_cli
+
+from sftdist.merge import merge_adapter
+
+LLAMA = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64)
+PROMPT = torch.tensor([[5, 17, 3, 99, 42, 7]])
+
+
+def _tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def _make_llama(path: Path, shard: str = "64KB", seed: int = 0, **overrides) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    LlamaForCausalLM(LlamaConfig(**{**LLAMA, **overrides})).save_pretrained(path, max_shard_size=shard)
+    return path
+
+
+def _make_adapter(model, out: Path, seed: int = 1, **lora) -> Path:
+    """A peft adapter with non-zero deltas (B is zero at init), saved as training would."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": "all-linear", **lora}))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name or "lora_embedding_B" in name or "magnitude" in name or "modules_to_save" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    peft_model.save_pretrained(out)
+    return out
+
+
+def _peft(base: Path, adapter: Path, vocab: int | None = None, **load):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, **load)
+    if vocab:
+        model.resize_token_embeddings(vocab, mean_resizing=False)
+    return PeftModel.from_pretrained(model, adapter).eval()
+
+
+def _assert_matches_peft_merge(out: Path, base: Path, adapter: Path, vocab: int | None = None, atol: float = 1e-5):
+    theirs = _peft(base, adapter, vocab).merge_and_unload().state_dict()
+    ours = _tensors(out)
+    assert set(_tensors(base)) <= set(ours)
+    for name, t in ours.items():
+        assert torch.allclose(t.float(), theirs[name].float(), atol=atol), name
+
+
+def _greedy(model, ids: torch.Tensor) -> list[int]:
+    with torch.no_grad():
+        return model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)[0].tolist()
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama (hidden 64: bitsandbytes' CPU 4-bit kernels need rows of >= 64) in several shards."""
+    return _make_llama(tmp_path_factory.mktemp("llama") / "base")
+
+
+@pytest.fixture(scope="module")
+def lora(llama: Path) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    return _make_adapter(AutoModelForCausalLM.from_pretrained(llama), llama.parent / "lora")
+
+
+def test_cli_merge_of_sharded_base_matches_peft_and_generates_the_same(llama: Path, lora: Path, tmp_path: Path):
+    from transformers import AutoModelForCausalLM
+
+    n_shards = len(list(llama.glob("*.safetensors")))
+    assert n_shards >= 4
+    out = tmp_path / "merged"
+    r = run_cli("merge-adapter", "--base", str(llama), "--adapter", str(lora), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "verification passed" in r.stdout and "tolerance" in r.stdout
+    assert f"shard {n_shards}/{n_shards}" in r.stdout
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == n_shards
+    assert set(index["weight_map"]) == set(_tensors(llama))
+    _assert_matches_peft_merge(out, llama, lora)
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert _greedy(merged, PROMPT) == _greedy(_peft(llama, lora), PROMPT)
+    card = (out / "README.md").read_text()
+    assert str(llama) in card and "lora: merged into the base weights" in card and "verification: passed" in card
+    assert not list(tmp_path.glob(".merged*"))
+
+
+def test_reshard_and_dtype(llama: Path, lora: Path, tmp_path: Path):
+    out = tmp_path / "merged"
+    result = merge_adapter(str(llama), str(lora), str(out), dtype="bfloat16", max_shard_size="40KB", verify=False)
+    files = sorted(out.glob("*.safetensors"))
+    assert len(files) == len(result.files) >= 4
+    for f in files:  # every shard respects the limit unless it holds one oversized tensor
+        from safetensors import safe_open
+
+        with safe_open(f, "pt") as st:
+            assert f.stat().st_size <= 40_000 + 2048 or len(st.keys()) == 1
+    ours = _tensors(out)
+    assert all(t.dtype == torch.bfloat16 for t in ours.values())
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    theirs = _peft(llama, lora).merge_and_unload().state_dict()
+    for name, t in ours.items():
+        assert torch.allclose(t.float(), theirs[name], rtol=4e-3, atol=1e-6), name  # bf16 rounds by <= 2**-9
+
+
+def test_rslora_with_rank_and_alpha_patterns(llama: Path, tmp_path: Path):
+    from transformers import AutoModelForCausalLM
+
+    adapter = _make_adapter(
+        AutoModelForCausalLM.from_pretrained(llama), tmp_path / "rs", use_rslora=True,
+        rank_pattern={"q_proj": 2, "layers.1.mlp.down_proj": 6}, alpha_pattern={"v_proj": 3},
+    )
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    assert cfg["use_rslora"] and cfg["rank_pattern"]
+    out = tmp_path / "merged"
+    result = merge_adapter(str(llama), str(adapter), str(out))
+    assert result.verification.startswith("passed")
+    _assert_matches_peft_merge(out, llama, adapter)
+
+
+def test_dora_with_resized_vocab_and_modules_to_save(llama: Path, tmp_path: Path):
+    """The trainer adds a pad token and resizes (pad_to_multiple_of=64): peft then saves the embeddings."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(llama)
+    model.resize_token_embeddings(129, pad_to_multiple_of=64, mean_resizing=False)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[128:].normal_()
+    adapter = _make_adapter(model, tmp_path / "dora", use_dora=True, modules_to_save=["lm_head"])
+    out = tmp_path / "merged"
+    result = merge_adapter(str(llama), str(adapter), str(out))
+    assert result.verification.startswith("passed")
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 192
+    _assert_matches_peft_merge(out, llama, adapter, vocab=192)
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert _greedy(merged, PROMPT) == _greedy(_peft(llama, adapter, vocab=192), PROMPT)
+
+
+def test_gpt2_conv1d_with_added_pad_token(tmp_path: Path):
+    """GPT-2's Conv1D layers (fan_in_fan_out), tied embeddings resized, and the adapter's tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(GPT2_TINY)
+    tok.add_special_tokens({"pad_token": "<|pad|>"})
+    model = AutoModelForCausalLM.from_pretrained(GPT2_TINY)
+    model.resize_token_embeddings(len(tok), pad_to_multiple_of=64, mean_resizing=False)
+    adapter = _make_adapter(model, tmp_path / "ad", r=2, lora_alpha=4)
+    tok.save_pretrained(adapter)
+    assert json.loads((adapter / "adapter_config.json").read_text())["fan_in_fan_out"]
+    out = tmp_path / "merged"
+    result = merge_adapter(str(GPT2_TINY), str(adapter), str(out))
+    assert result.verification.startswith("passed")
+    _assert_matches_peft_merge(out, GPT2_TINY, adapter, vocab=50304)
+    assert AutoTokenizer.from_pretrained(out).pad_token == "<|pad|>"
+    ids = tok("The weather today is", return_tensors="pt").input_ids
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    want = _greedy(_peft(GPT2_TINY, adapter, vocab=50304), ids)
+    assert tok.decode(_greedy(merged, ids)) == tok.decode(want)
+
+
+@pytest.fixture(scope="module")
+def qlora(llama: Path) -> Path:
+    """An adapter trained against the NF4 base, in a run directory laid out like `sftdist train`'s."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    run = llama.parent / "qlora-run"
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(llama, quantization_config=bnb, dtype=torch.float32)
+    adapter = _make_adapter(model, run / "final", target_modules=["q_proj", "v_proj", "down_proj"])
+    quantization = {"quant_type": "nf4", "double_quant": True, "compute_dtype": "auto", "storage_dtype": "auto"}
+    recipe = {"model": {"name_or_path": str(llama)}, "method": "qlora", "quantization": quantization}
+    (adapter / "sftdist_recipe.yaml").write_text(yaml.safe_dump(recipe))
+    history = [{"loss": 2.5, "step": 20}, {"loss": 1.25, "step": 40}, {"train_loss": 1.9, "step": 40}]
+    state = {"global_step": 40, "log_history": history}
+    (run / "trainer_state.json").write_text(json.dumps(state))
+    return adapter
+
+
+def test_qlora_merges_into_the_dequantized_weights(llama: Path, qlora: Path, tmp_path: Path):
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit
+    from transformers import BitsAndBytesConfig
+
+    out = tmp_path / "merged"
+    result = merge_adapter(str(llama), str(qlora), str(out))
+    assert "dequantized 4-bit" in result.method and result.verification.startswith("passed")
+    assert "dequantized 4-bit base + adapter" in result.verification
+    ours = _tensors(out)
+    ref = _peft(llama, qlora, quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32))
+    seen = 0
+    for name, module in ref.base_model.model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):  # every 4-bit layer, with or without LoRA
+            want = dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+            lora_layer = ref.base_model.model.get_submodule(name.removesuffix(".base_layer"))
+            if name.endswith(".base_layer"):
+                want = want + lora_layer.get_delta_weight("default")
+            key = name.removesuffix(".base_layer") + ".weight"
+            assert torch.allclose(ours[key], want, atol=1e-6), key
+            seen += 1
+    assert seen == 14
+    card = (out / "README.md").read_text()
+    assert "qlora (nf4, double quant on" in card and "dequantized 4-bit" in card
+    assert "training steps: 40" in card and "final loss: 1.2500" in card and "method: qlora" in card
+
+    original = tmp_path / "original"
+    result = merge_adapter(str(llama), str(qlora), str(original), merge_into="original", verify=False)
+    assert "ORIGINAL" in result.method
+    other = _tensors(original)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.allclose(other[q], ours[q], atol=1e-3)
+    _assert_matches_peft_merge(original, llama, qlora)
+
+
+def test_quant_round_trip_matches_bitsandbytes_for_conv1d(tmp_path: Path):
+    """GPT-2 Conv1D weights are quantized transposed by transformers; the round trip must do the same."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GPT2Config, GPT2LMHeadModel
+
+    from sftdist.merge import QuantSpec, quant_round_trip
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=32)).save_pretrained(tmp_path)
+    stored = _tensors(tmp_path)
+    q = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=False,
+        bnb_4bit_compute_dtype=torch.float32))
+    spec = QuantSpec("fp4", False, "test")
+    layers = [(n, m) for n, m in q.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 4
+    for name, m in layers:
+        want = dequantize_4bit(m.weight.data, m.weight.quant_state).float().T  # back to Conv1D's (in, out)
+        assert torch.equal(quant_round_trip(stored[name + ".weight"], spec, transposed=True), want), name
+
+
+def _one_line_error(r, *needles: str) -> None:
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_refusals(llama: Path, lora: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    cli = ("merge-adapter", "--no-verify", "--out", str(out))
+
+    _one_line_error(run_cli(*cli, "--base", str(tmp_path / "nope"), "--adapter", str(lora)), "--base", "does not exist")
+    _one_line_error(run_cli(*cli, "--base", str(llama), "--adapter", str(tmp_path / "nope")),
+                    "--adapter", "does not exist")
+    _one_line_error(run_cli(*cli, "--base", str(llama), "--adapter", str(lora), "--merge-into", "quantized"), "4-bit")
+    assert not out.exists()
+
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    _one_line_error(run_cli(*cli, "--base", str(llama), "--adapter", str(lora)), "not empty")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    shutil.rmtree(out)
+
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    shutil.copy(llama / "config.json", pickled)
+    torch.save(_tensors(llama), pickled / "pytorch_model.bin")
+    _one_line_error(run_cli(*cli, "--base", str(pickled), "--adapter", str(lora)), "pickle", "--allow-pickle")
+    bin_adapter = tmp_path / "bin-adapter"
+    shutil.copytree(lora, bin_adapter)
+    torch.save(_tensors(bin_adapter), bin_adapter / "adapter_model.bin")
+    (bin_adapter / "adapter_model.safetensors").unlink()
+    _one_line_error(run_cli(*cli, "--base", str(llama), "--adapter", str(bin_adapter)), "pickle")
+    assert not out.exists()
+
+    merge_adapter(str(pickled), str(bin_adapter), str(out), allow_pickle=True, verify=False)
+    assert set(_tensors(out)) == set(_tensors(llama))
+
+
+def test_refuses_an_adapter_of_another_model_or_a_base_rewriting_one(llama: Path, lora: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    cli = ("merge-adapter", "--no-verify", "--out", str(out))
+    _one_line_error(run_cli(*cli, "--base", str(GPT2_TINY), "--adapter", str(lora)),
+                    "model.layers.0", "does not have")
+    wider = _make_llama(tmp_path / "wider", intermediate_size=96)
+    _one_line_error(run_cli(*cli, "--base", str(wider), "--adapter", str(lora)),
+                    "mlp.down_proj", "(64, 128)", "(64, 96)")
+    pissa = tmp_path / "pissa"
+    shutil.copytree(lora, pissa)
+    cfg = json.loads((pissa / "adapter_config.json").read_text())
+    (pissa / "adapter_config.json").write_text(json.dumps({**cfg, "init_lora_weights": "pissa"}))
+    _one_line_error(run_cli(*cli, "--base", str(llama), "--adapter", str(pissa)), "init_lora_weights=pissa")
+    assert not out.exists()
+
+
+def test_failure_midway_leaves_nothing(llama: Path, lora: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+    broken = tmp_path / "broken"
+    shutil.copytree(llama, broken)
+    last = sorted(broken.glob("model-*.safetensors"))[-1]
+    last.write_bytes(last.read_bytes()[:-64])  # header intact, data cut short: fails while writing
+    out = tmp_path / "out"
+    with pytest.raises(Exception):
+        merge_adapter(str(broken), str(lora), str(out))
+    assert "shard 1/" in capsys.readouterr().out  # it had started writing
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["broken"]
