@@ -64,7 +64,10 @@ def _decide(recipe: Recipe, resume: bool, overwrite: bool) -> tuple[str, Path | 
     if not out.is_dir():
         raise UserError(f"{out}: output_dir exists and is not a directory")
     saved = out / RECIPE_FILE
-    same = saved.is_file() and yaml.safe_load(saved.read_text(encoding="utf-8")) == recipe.to_dict()
+    try:
+        same = saved.is_file() and yaml.safe_load(saved.read_text(encoding="utf-8")) == recipe.to_dict()
+    except (yaml.YAMLError, UnicodeDecodeError):
+        raise UserError(f"{saved}: is not a valid recipe file; pass --overwrite to replace this output_dir") from None
     if overwrite:
         return "replace", None
     if not same:

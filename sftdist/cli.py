@@ -155,11 +155,11 @@ def make_tiny_model_cmd(out_dir: str, seed: int) -> None:
 
 
 @cli.command("merge-adapter")
-@click.option("--base", required=True, help="The base model directory the adapter was trained on.")
-@click.option("--adapter", required=True, help="The peft LoRA adapter directory (e.g. a run's final/).")
-@click.option("--out", required=True, help="New directory for the merged model (must not exist or be empty).")
+@click.option("--base", required=True, metavar="DIR", help="The base model directory the adapter was trained on.")
+@click.option("--adapter", required=True, metavar="DIR", help="The peft LoRA adapter directory (e.g. a run's final/).")
+@click.option("--out", required=True, metavar="DIR", help="New directory for the merged model (absent or empty).")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), help="Output dtype [default: the base's].")
-@click.option("--max-shard-size", help="Re-shard the output, e.g. 2GB [default: one output shard per base shard].")
+@click.option("--max-shard-size", metavar="SIZE", help="Re-shard the output, e.g. 2GB [default: one output shard per base shard].")
 @click.option("--device", default="cpu", show_default=True, help="Where the merge arithmetic runs.")
 @click.option("--no-verify", is_flag=True, help="Skip comparing logits with base + adapter (loads the whole model).")
 @click.option(

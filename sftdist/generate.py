@@ -38,16 +38,19 @@ def load_for_generation(model_dir: str) -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sftdist.model import check_model_path
+    from sftdist.model import check_model_path, require_safetensors
 
     p = Path(model_dir)
     if (p / "adapter_config.json").is_file():
         from peft import AutoPeftModelForCausalLM
 
+        require_safetensors(str(p))
         model = AutoPeftModelForCausalLM.from_pretrained(str(p), dtype=torch.float32)
     else:
         check_model_path(model_dir)
-        model = AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(p), dtype=torch.float32, use_safetensors=require_safetensors(str(p))
+        )
     tok = AutoTokenizer.from_pretrained(str(p))
     model.eval()
     return model, tok

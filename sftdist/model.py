@@ -38,6 +38,21 @@ def check_model_path(name_or_path: str) -> None:
         raise UserError(f"{name_or_path}: model path does not exist")
 
 
+def require_safetensors(model_dir: str) -> bool | None:
+    """Refuse a local directory that holds only pickle weights (.bin can run code when loaded); the
+    result is `use_safetensors` for from_pretrained (None for a hub id: transformers prefers them)."""
+    p = Path(model_dir)
+    if not p.is_dir():
+        return None
+    suffixes = {f.suffix for f in p.iterdir() if f.suffix in (".safetensors", ".bin")}
+    if suffixes == {".bin"}:
+        raise UserError(
+            f"{model_dir}: holds only pickle weights (.bin), which can run code when loaded; "
+            "convert them to safetensors first"
+        )
+    return True if suffixes else None
+
+
 def load_tokenizer(recipe: Recipe) -> Any:
     """The tokenizer with a pad token distinct from EOS and the chat template the recipe asks for."""
     from transformers import AutoTokenizer
@@ -189,13 +204,9 @@ def load_model(recipe: Recipe, tokenizer: Any) -> Any:
     if recipe.method == "qlora":
         kwargs["quantization_config"] = quantization_config(recipe)
         kwargs["dtype"] = kwargs["quantization_config"].bnb_4bit_compute_dtype
-    weights = {p.suffix for p in Path(m.name_or_path).glob("*") if p.suffix in (".safetensors", ".bin")}
-    if weights == {".bin"}:
-        raise UserError(
-            f"{m.name_or_path}: holds only pickle weights (.bin), which can run code when loaded; "
-            "convert them to safetensors first"
-        )
-    model = AutoModelForCausalLM.from_pretrained(m.name_or_path, use_safetensors=bool(weights) or None, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(
+        m.name_or_path, use_safetensors=require_safetensors(m.name_or_path), **kwargs
+    )
     if recipe.method == "qlora" and not has_cuda():
         check_cpu_4bit(model, m.name_or_path)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:

@@ -257,9 +257,9 @@ def count_model(recipe: Recipe) -> ModelCounts:
 
 def workload(recipe: Recipe) -> Workload:
     """Dtypes and micro-batch as sftdist would train the recipe on a bf16-capable GPU."""
-    from sftdist.train import TRAIN_DEFAULTS
+    from sftdist.train import train_kwargs
 
-    t = {**TRAIN_DEFAULTS, **recipe.train}
+    t = train_kwargs(recipe)
     fp16 = bool(t.get("fp16"))
     autocast = fp16 or bool(t.get("bf16", True))  # trl: bf16 defaults to True unless fp16 is set
     # model.resolve_dtype: "auto" is fp32 for full fine-tuning (fp32 masters, bf16 autocast) and bf16
@@ -276,7 +276,7 @@ def workload(recipe: Recipe) -> Workload:
         act_bytes=2 if autocast or loaded == 2 else 4,
         batch=batch,
         seq=recipe.data.max_length,
-        checkpointing=bool(t.get("gradient_checkpointing", False)),
+        checkpointing=bool(t["activation_checkpointing"]),
     )
 
 
@@ -487,7 +487,7 @@ def no_fit_error(plan: Plan) -> UserError:
     """Nothing fits: by how much, and what each change (checkpointing, batch 1, qlora, more GPUs) would give."""
     r = plan.recipe
     closest = _closest(plan)
-    ckpt = {**r.train, "gradient_checkpointing": True}
+    ckpt = {**{k: v for k, v in r.train.items() if k != "gradient_checkpointing"}, "activation_checkpointing": True}
     changes = []
     if not plan.work.checkpointing:
         changes.append(("train.gradient_checkpointing=true", {"train": ckpt}))

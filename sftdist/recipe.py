@@ -121,6 +121,12 @@ def _choices_error(where: str, value: Any, choices: tuple[str, ...]) -> UserErro
 
 
 def _type_name(tp: Any) -> str:
+    """How a field type reads in an error, in YAML's words ('null', not 'NoneType')."""
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", type(None): "null"}
+    if tp in names:
+        return names[tp]
+    if typing.get_origin(tp) is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0]).split(' ', 1)[-1]}s"
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -304,7 +310,7 @@ def check_train_keys(recipe: Recipe) -> None:
             where = "output_dir" if key == "output_dir" else f"data.{key}"
             raise UserError(f"{recipe.source}: train.{key} is set by sftdist; use the recipe key '{where}' instead")
         if key not in names:
-            raise _unknown_key("train", key, names)
+            raise UserError(f"{recipe.source}: {_unknown_key('train', key, names)}")
         tp = hints.get(key, Any)
         # trl/transformers fields accept these as strings too (enums, "auto"); only check plain scalars.
         if tp in (bool, int, float) or typing.get_origin(tp) in (typing.Union, types.UnionType) and all(

@@ -27,13 +27,25 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "report_to": ["tensorboard"],
     # trl turns it on by default; it costs ~30% speed and small models do not need it. Recipes for
     # large models set it (and `sftdist plan` says when).
-    "gradient_checkpointing": False,
+    "activation_checkpointing": False,
     "logging_steps": 10,
     "save_steps": 500,
     "save_total_limit": 3,
     "include_num_input_tokens_seen": "non_padding",
     "dataloader_drop_last": False,
 }
+
+
+def train_kwargs(recipe: Recipe) -> dict[str, Any]:
+    """Our defaults overlaid with the recipe's `train:`. `gradient_checkpointing` is transformers 5's
+    deprecated alias of `activation_checkpointing`, which wins whenever set, so the alias is renamed
+    here rather than silently losing to our default."""
+    train = dict(recipe.train)
+    if "gradient_checkpointing" in train:
+        train.setdefault("activation_checkpointing", train.pop("gradient_checkpointing"))
+    if "gradient_checkpointing_kwargs" in train:
+        train.setdefault("activation_checkpointing_kwargs", train.pop("gradient_checkpointing_kwargs"))
+    return {**TRAIN_DEFAULTS, **train}
 
 
 def build_sft_config(recipe: Recipe) -> Any:
@@ -51,8 +63,7 @@ def build_sft_config(recipe: Recipe) -> Any:
                     f"float32; remove train.{flag}"
                 )
     kwargs = {
-        **TRAIN_DEFAULTS,
-        **recipe.train,
+        **train_kwargs(recipe),
         **distributed.training_overrides(),
         "output_dir": recipe.output_dir,
         "max_length": recipe.data.max_length,

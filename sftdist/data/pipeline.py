@@ -6,10 +6,13 @@ is what training sees: read -> render -> encode -> weight -> split.
 
 from __future__ import annotations
 
+import os
 import random
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
+
+import click
 
 from sftdist.data.encode import Encoder, stop_token_ids
 from sftdist.data.formats import CHAT_FORMATS, render_rows
@@ -44,6 +47,15 @@ class PreparedData:
     reports: list[SourceReport]
 
 
+def _warn_dropped(report: SourceReport) -> None:
+    """One stderr line per source with the counts (never one per row), from rank 0 only."""
+    if not report.dropped or os.environ.get("RANK", "0") != "0":
+        return
+    dropped = sum(n for why, n in report.dropped.items() if not why.endswith("(kept)"))
+    reasons = ", ".join(f"{n} {why}" for why, n in report.dropped.items())
+    click.echo(f"warning: dropped {dropped} of {report.rows} rows of {report.where}: {reasons}", err=True)
+
+
 def _encode_source(
     src: SourceConfig, role: str, recipe: Recipe, encoder: Encoder, tokenizer: Any
 ) -> tuple[SourceReport, list[tuple[list[int], list[int]]]]:
@@ -65,6 +77,7 @@ def _encode_source(
             f"{rows.where}: all {len(rendered.examples)} samples are longer than data.max_length="
             f"{recipe.data.max_length}; raise max_length or set data.truncate: true"
         )
+    _warn_dropped(report)
     report.lengths = [len(x) for x in enc.input_ids]
     report.loss_tokens = sum(sum(m) for m in enc.completion_mask)
     return report, list(zip(enc.input_ids, enc.completion_mask))
