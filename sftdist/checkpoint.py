@@ -9,6 +9,7 @@ Ctrl-C) make the run save at the next step boundary and exit with `EXIT_PREEMPTE
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -116,9 +117,9 @@ class _StopOnSignal:
         signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
 
 
-def make_trainer_class(base: type) -> type:
-    """SFTTrainer with atomic checkpoints and signal-triggered saves."""
-    from transformers import TrainerCallback
+def make_trainer_class(base: type, max_shard_size: str) -> type:
+    """SFTTrainer with atomic, sharded checkpoints and signal-triggered saves."""
+    from transformers import PreTrainedModel, TrainerCallback
 
     stop = _StopOnSignal()
 
@@ -135,6 +136,16 @@ def make_trainer_class(base: type) -> type:
 
         def __init__(self, *a: Any, **kw: Any) -> None:
             super().__init__(*a, callbacks=[SignalCallback()], **kw)
+
+        def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
+            # The Trainer has no shard-size setting; save_pretrained's default is one 50GB file.
+            model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+            if isinstance(model, PreTrainedModel):
+                model.save_pretrained = functools.partial(model.save_pretrained, max_shard_size=max_shard_size)
+            try:
+                super()._save(output_dir, state_dict)
+            finally:
+                model.__dict__.pop("save_pretrained", None)
 
         def _save_checkpoint(self, model: Any, trial: Any) -> None:
             limit = self.args.save_total_limit

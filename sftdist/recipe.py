@@ -108,6 +108,8 @@ class Recipe:
     # Passed through to trl's SFTConfig; keys are checked against it by `check_train_keys`.
     train: dict[str, Any] = field(default_factory=dict)
     output_dir: str = "runs/sft"
+    # Largest safetensors file in checkpoints and the final model (e.g. "5GB", "500MB").
+    max_shard_size: str = "5GB"
     source: str = field(default="", metadata={"internal": True})
 
     def to_dict(self) -> dict[str, Any]:

@@ -94,7 +94,7 @@ def run_training(recipe: Recipe, resume: bool = True, overwrite: bool = False) -
     model = load_model(recipe, tokenizer)
     resume_from = checkpoint.prepare_output_dir(recipe, args, resume=resume, overwrite=overwrite)
 
-    trainer = checkpoint.make_trainer_class(SFTTrainer)(
+    trainer = checkpoint.make_trainer_class(SFTTrainer, recipe.max_shard_size)(
         model=model,
         args=args,
         train_dataset=Dataset.from_dict(data.train),

@@ -34,6 +34,7 @@ def recipe(tmp_path: Path, model: Path, max_steps: int = 6, name: str = "run") -
             "report_to": [],
         },
         "output_dir": str(tmp_path / name),
+        "max_shard_size": "400KB",
     }
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(r))
@@ -58,7 +59,8 @@ def test_checkpoints_are_marked_complete(uninterrupted):
     for step in (3, 6):
         assert json.loads((run / f"checkpoint-{step}" / COMPLETE_MARKER).read_text()) == {"global_step": step}
         assert (run / f"checkpoint-{step}" / "optimizer.pt").is_file()
-        assert (run / f"checkpoint-{step}" / "model.safetensors").is_file()
+        assert (run / f"checkpoint-{step}" / "model.safetensors.index.json").is_file()
+        assert len(list((run / f"checkpoint-{step}").glob("model-*.safetensors"))) >= 3  # max_shard_size
 
 
 def test_resume_reproduces_losses_exactly(tmp_path, uninterrupted):
@@ -120,7 +122,7 @@ def test_sigterm_saves_then_next_start_resumes(tmp_path, tiny_model):
     resumed = run_cli("train", str(r), env={"PYTHONUNBUFFERED": "1"})
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resuming from {ckpts[-1]}" in resumed.stdout
-    assert (run / "final" / "model.safetensors").is_file()
+    assert (run / "final" / "model.safetensors.index.json").is_file()
 
 
 def test_export_full_checkpoint_matches_weights(tmp_path, uninterrupted):
@@ -134,7 +136,10 @@ def test_export_full_checkpoint_matches_weights(tmp_path, uninterrupted):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (out / "model.safetensors.index.json").is_file() and len(list(out.glob("model-*.safetensors"))) >= 4
     model = AutoModelForCausalLM.from_pretrained(out)
-    saved = load_file(str(run / "checkpoint-6" / "model.safetensors"))
+    saved = {}
+    for shard in (run / "checkpoint-6").glob("model-*.safetensors"):
+        saved.update(load_file(str(shard)))
+    assert saved
     for name, tensor in model.state_dict().items():
         if name in saved:
             assert torch.equal(tensor, saved[name]), name
