@@ -182,3 +182,12 @@ def test_train_keys_are_checked_against_sftconfig(tmp_path):
             check(train)
         for w in words:
             assert w in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml")))
+def test_shipped_recipes_load_and_their_train_keys_are_valid(path):
+    from sftdist.recipe import check_train_keys, load_recipe
+
+    recipe = load_recipe(path)
+    check_train_keys(recipe)
+    assert recipe.output_dir.startswith("runs/")
