@@ -35,7 +35,7 @@ def train(recipe: str, overrides: tuple[str, ...], no_resume: bool, overwrite: b
     run_training(load_recipe(recipe, overrides), resume=not no_resume, overwrite=overwrite)
 
 
-@cli.command(context_settings={"ignore_unknown_options": True})
+@cli.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option(
     "--strategy",

@@ -1,51 +1,143 @@
 """What accelerate/DeepSpeed need to be REALLY distributed on CPU, and the check that they are.
 
 Gap filled: accelerate and trl assume CUDA. On a CPU machine, `MULTI_CPU` configs start one process,
-`MULTI_GPU` configs start N independent runs, and DeepSpeed disagrees with accelerate on the world
-size unless the backend is gloo (see ../shared/notes/platform.md). These functions are called by
+`MULTI_GPU` configs start N independent runs, DeepSpeed disagrees with accelerate on the world size
+unless the backend is gloo, `use_cpu` silently turns a DeepSpeed run into plain DDP, and accelerate
+never enables FSDP on a CPU state (see ../shared/notes/platform.md). These functions are called by
 train.py in every rank: before the SFTConfig is built, and once the trainer exists.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 from typing import Any
 
 
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() == "true"
+
+
+def _launched_type() -> str | None:
+    """The distributed type `accelerate launch` asked for (via its environment), if it asked for one."""
+    if _env_flag("ACCELERATE_USE_DEEPSPEED"):
+        return "DEEPSPEED"
+    if _env_flag("ACCELERATE_USE_FSDP"):
+        return "FSDP"
+    return None
+
+
 def training_overrides() -> dict[str, Any]:
-    """SFTConfig kwargs this machine needs (CPU: no bf16/fp16, gloo for several processes)."""
+    """SFTConfig kwargs this machine needs (CPU: float32, gloo, and the state DeepSpeed/FSDP need)."""
     import torch
 
     overrides: dict[str, Any] = {}
-    if not torch.cuda.is_available():
-        overrides.update(bf16=False, fp16=False)
-        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
-            overrides["use_cpu"] = True
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            overrides["ddp_backend"] = "gloo"
+    if torch.cuda.is_available():
+        return overrides
+    overrides.update(bf16=False, fp16=False)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1:
+        # Without gloo, DeepSpeed counts one process while accelerate counts WORLD_SIZE.
+        overrides["ddp_backend"] = "gloo"
+    kind = _launched_type()
+    if kind == "DEEPSPEED":
+        return overrides  # use_cpu would make accelerate drop DeepSpeed and run plain DDP
+    overrides["use_cpu"] = True
+    if kind == "FSDP":
+        _configure_fsdp_on_cpu()
+        # The trainer must keep the state built above instead of rebuilding a CPU one.
+        overrides["accelerator_config"] = {"use_configured_state": True}
     return overrides
 
 
+def _configure_fsdp_on_cpu() -> None:
+    """A gloo process group labelled multi-GPU with device cpu: the only state accelerate builds FSDP on."""
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType
+
+    state = PartialState(cpu=True, backend="gloo")
+    state.distributed_type = DistributedType.MULTI_GPU
+
+
 def check_state(trainer: Any) -> dict[str, Any]:
-    """Fail if the launcher started N processes that did not join one group; return what we got."""
+    """Fail if the processes did not join one group of the launched kind; return what we got.
+
+    Rank 0 prints it (train.py) so every run's log says what it really was.
+    """
     from sftdist.errors import UserError
 
     acc = trainer.accelerator
+    args = trainer.args
     expected = int(os.environ.get("WORLD_SIZE", "1"))
-    state = {
-        "distributed_type": str(acc.distributed_type).split(".")[-1],
+    state: dict[str, Any] = {
+        "distributed_type": acc.distributed_type.name,
         "num_processes": acc.num_processes,
-        "global_batch": trainer.args.per_device_train_batch_size
-        * trainer.args.gradient_accumulation_steps
-        * acc.num_processes,
+        "num_machines": max(1, expected // int(os.environ.get("LOCAL_WORLD_SIZE", expected or 1))),
+        "backend": acc.state.backend,
+        "device": str(acc.device),
+        "per_device_train_batch_size": args.per_device_train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "global_batch": args.per_device_train_batch_size * args.gradient_accumulation_steps * acc.num_processes,
     }
+    if acc.distributed_type.name == "DEEPSPEED":
+        state["zero_stage"] = acc.state.deepspeed_plugin.zero_stage
+    if acc.distributed_type.name == "FSDP":
+        state["fsdp_version"] = acc.state.fsdp_plugin.fsdp_version
     if acc.num_processes != expected:
         raise UserError(
             f"the launcher started {expected} processes but this one trains alone "
             f"(distributed_type={state['distributed_type']}, num_processes={acc.num_processes}); "
             "refusing a silent duplicate run"
         )
+    kind = _launched_type()
+    if kind is not None and state["distributed_type"] != kind:
+        raise UserError(
+            f"accelerate launch asked for {kind} but the trainer runs {state['distributed_type']}; "
+            "refusing a run that would not shard as configured"
+        )
+    if expected > 1:
+        atexit.register(_release_process_groups)
+    trainer.add_callback(_tokens_per_step_logger())
     return state
+
+
+def _release_process_groups() -> None:
+    """Gap: at exit, a gloo worker thread may still be freeing the last collective's tensors, which
+    needs the GIL; if the interpreter is already finalizing, that thread dies inside a C++ destructor
+    and the rank aborts ("terminate called without an active exception", exit -6) after a successful
+    run. Destroying the groups and then releasing the GIL briefly lets those threads finish first."""
+    import time
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    time.sleep(0.5)
+
+
+def _tokens_per_step_logger() -> Any:
+    """A callback that prints, from rank 0, the tokens one optimizer step sees across all ranks."""
+    from transformers import TrainerCallback
+
+    class TokensPerStep(TrainerCallback):
+        first: tuple[int, float] | None = None
+        done = False
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+            # trl's num_tokens is gathered over all ranks and counted from this process's start (not
+            # restored on resume), so the difference between two logs is what the ranks really shared.
+            if self.done or not logs or "num_tokens" not in logs:
+                return
+            now = (state.global_step, float(logs["num_tokens"]))
+            if self.first is None or now[0] == self.first[0]:
+                self.first = now
+                return
+            self.done = True
+            if state.is_world_process_zero:
+                per_step = (now[1] - self.first[1]) / (now[0] - self.first[0])
+                print(f"sftdist: {per_step:.0f} tokens per optimizer step (all processes)", flush=True)
+
+    return TokensPerStep()
 
 
 def prepare_final_save(trainer: Any) -> None:

@@ -8,6 +8,7 @@ packed samples apart; here packing is refused for those.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -118,8 +119,13 @@ def shards_parameters() -> bool:
     """True under FSDP or ZeRO-3 (set by `accelerate launch`), which flatten and shard parameters."""
     import os
 
-    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-    return fsdp or os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return True
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    ds_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if stage is None and ds_file and Path(ds_file).is_file():  # accelerate does not export a JSON's stage
+        stage = str(json.loads(Path(ds_file).read_text(encoding="utf-8")).get("zero_optimization", {}).get("stage"))
+    return stage == "3"
 
 
 def quantization_config(recipe: Recipe) -> Any:
@@ -209,7 +215,7 @@ def load_model(recipe: Recipe, tokenizer: Any) -> Any:
     )
     if recipe.method == "qlora" and not has_cuda():
         check_cpu_4bit(model, m.name_or_path)
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # weight.shape is 0 under ZeRO-3
         # Pad to a multiple of 64: matmuls on the embedding/LM head run faster on GPUs.
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64, mean_resizing=False)
     model.config.pad_token_id = tokenizer.pad_token_id

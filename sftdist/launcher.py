@@ -1,0 +1,257 @@
+"""`sftdist launch`: strategy name -> accelerate config (+ DeepSpeed JSON) -> `accelerate launch`.
+
+Gaps filled: accelerate ships no configs, and on a machine without CUDA its configs fail silently
+(MULTI_CPU starts one process, MULTI_GPU starts N separate runs, `use_cpu` turns DeepSpeed into
+plain DDP); it takes its multi-node fields from per-cluster config copies; its simple launcher does
+not forward preemption signals; and it reports a failed worker as exit code 1 with a traceback. Here
+the machine fields come from flags, the CPU environment is set per strategy, the command is built as
+a list (printed exactly by --dry-run), and the workers' own exit code becomes the launcher's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sftdist.errors import UserError
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+# strategy -> (accelerate config, DeepSpeed config or None)
+STRATEGIES: dict[str, tuple[str, str | None]] = {
+    "single": ("single.yaml", None),
+    "ddp": ("ddp.yaml", None),
+    "fsdp2": ("fsdp2.yaml", None),
+    "zero1": ("zero1.yaml", "zero1.json"),
+    "zero2": ("zero2.yaml", "zero2.json"),
+    "zero3": ("zero3.yaml", "zero3.json"),
+    "zero3-offload": ("zero3_offload.yaml", "zero3_offload.json"),
+}
+# Signals a torchrun agent forwards to its workers instead of killing them; SIGUSR1 is what the
+# slurm script asks for before the time limit, and workers answer it by checkpointing and exiting.
+FORWARDED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+DEFAULT_PORT = 29500
+# Seconds the agent waits for workers to finish their checkpoint after a signal (torchrun: 30).
+DEFAULT_SHUTDOWN_TIMEOUT = "120"
+
+
+@dataclass
+class Launch:
+    """What `accelerate launch` will run: its arguments and the variables set on top of os.environ."""
+
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    kind: str = "single"
+
+    @property
+    def command(self) -> list[str]:
+        return ["accelerate", "launch", *self.argv]
+
+    def render(self) -> str:
+        """The command as one copy-pasteable shell line, environment first."""
+        return shlex.join(["env", *(f"{k}={v}" for k, v in sorted(self.env.items())), *self.command])
+
+
+def config_paths(strategy: str) -> tuple[Path, Path | None]:
+    """The accelerate config (and DeepSpeed JSON) of a shipped strategy or a user's config path."""
+    if strategy in STRATEGIES:
+        acc, ds = STRATEGIES[strategy]
+        return (CONFIG_DIR / "accelerate" / acc).resolve(), (CONFIG_DIR / "deepspeed" / ds).resolve() if ds else None
+    path = Path(strategy)
+    if path.suffix in (".yaml", ".yml", ".json"):
+        if not path.is_file():
+            raise UserError(f"--strategy {strategy}: accelerate config file not found")
+        return path.resolve(), None
+    raise UserError(
+        f"--strategy {strategy}: unknown strategy; expected one of {', '.join(STRATEGIES)} "
+        "or the path of an accelerate config (.yaml)"
+    )
+
+
+def config_kind(path: Path, on_cpu: bool, ds_file: Path | None = None) -> tuple[str, int | None]:
+    """('single'|'ddp'|'fsdp'|'deepspeed', ZeRO stage) read with accelerate's own config loader.
+
+    `ds_file` is the DeepSpeed JSON the launcher passes; else the config's own, relative to the
+    working directory as accelerate reads it.
+    """
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    try:
+        cfg = load_config_from_file(str(path))
+    except (ValueError, TypeError, KeyError) as e:
+        raise UserError(f"{path}: not a valid accelerate config ({str(e).splitlines()[0]})") from None
+    dt = getattr(cfg.distributed_type, "value", str(cfg.distributed_type))
+    if dt == "NO":
+        return "single", None
+    if dt == "MULTI_CPU" and on_cpu:
+        raise UserError(
+            f"{path}: distributed_type MULTI_CPU starts a single process without mpirun; use "
+            "distributed_type MULTI_GPU (sftdist sets ACCELERATE_USE_CPU=true on CPU machines) or --strategy ddp"
+        )
+    if dt in ("MULTI_GPU", "MULTI_CPU"):
+        return "ddp", None
+    if dt == "FSDP":
+        version = int(cfg.fsdp_config.get("fsdp_version", 1))
+        if version != 2 and on_cpu:
+            raise UserError(f"{path}: FSDP version {version} crashes saving on CPU; set fsdp_config.fsdp_version: 2")
+        return "fsdp", None
+    if dt == "DEEPSPEED":
+        ds = cfg.deepspeed_config
+        if "zero_stage" in ds:
+            return "deepspeed", int(ds["zero_stage"])
+        file = ds_file or (Path(ds["deepspeed_config_file"]) if ds.get("deepspeed_config_file") else None)
+        if file is None:
+            return "deepspeed", None
+        try:
+            return "deepspeed", int(json.loads(file.read_text(encoding="utf-8"))["zero_optimization"]["stage"])
+        except (OSError, ValueError, KeyError, TypeError):
+            raise UserError(f"{path}: deepspeed_config_file {file} is not a readable DeepSpeed JSON") from None
+    raise UserError(f"{path}: distributed_type {dt} is not supported by sftdist; use NO, MULTI_GPU, FSDP or DEEPSPEED")
+
+
+def cpu_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def plan_launch(
+    recipe: str,
+    strategy: str,
+    num_processes: int | None = None,
+    num_machines: int = 1,
+    machine_rank: int = 0,
+    main_process_ip: str | None = None,
+    main_process_port: int | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    train_flags: list[str] | tuple[str, ...] = (),
+    accelerate_args: list[str] | tuple[str, ...] = (),
+    gpus: int | None = None,
+) -> Launch:
+    """Check the flags against the recipe and the machine before anything starts.
+
+    `overrides` are `sftdist train --set` values, `train_flags` its other flags, `accelerate_args`
+    extra `accelerate launch` arguments; `gpus` is the number of visible GPUs (detected if None).
+    """
+    from sftdist.recipe import load_recipe
+
+    load_recipe(recipe, overrides)  # a bad recipe fails here, before any process starts
+    gpus = visible_gpus() if gpus is None else gpus
+    on_cpu = gpus == 0
+    acc_cfg, ds_cfg = config_paths(strategy)
+    kind, stage = config_kind(acc_cfg, on_cpu, ds_cfg)
+
+    if num_machines < 1:
+        raise UserError(f"--num-machines {num_machines}: expected at least 1")
+    if not 0 <= machine_rank < num_machines:
+        raise UserError(f"--machine-rank {machine_rank}: expected 0 to {num_machines - 1} for --num-machines {num_machines}")
+    if num_processes is None:
+        if kind == "single":
+            num_processes = 1
+        elif on_cpu:
+            raise UserError(f"--strategy {strategy}: no GPU is visible; pass --num-processes N (processes per machine)")
+        else:
+            num_processes = gpus
+    if num_processes < 1:
+        raise UserError(f"--num-processes {num_processes}: expected at least 1")
+    if kind == "single" and (num_processes > 1 or num_machines > 1):
+        raise UserError(
+            f"--strategy {strategy} runs one process; for {num_processes} processes on {num_machines} "
+            "machine(s) use --strategy ddp, fsdp2 or zero1/2/3"
+        )
+    if gpus and num_processes > gpus:
+        raise UserError(f"--num-processes {num_processes}: only {gpus} GPU(s) are visible on this machine")
+    if accelerate_args and not accelerate_args[0].startswith("-"):
+        raise UserError(f"unexpected argument '{accelerate_args[0]}'; `accelerate launch` options go after --")
+    if num_machines > 1 and not main_process_ip:
+        raise UserError("--num-machines > 1 needs --main-process-ip (the address of the machine with rank 0)")
+    argv = ["--config_file", str(acc_cfg), "--num_processes", str(num_processes * num_machines),
+            "--num_machines", str(num_machines)]
+    if num_machines > 1:
+        argv += ["--machine_rank", str(machine_rank), "--main_process_ip", main_process_ip]
+    if num_machines > 1 or main_process_port is not None:
+        argv += ["--main_process_port", str(main_process_port or DEFAULT_PORT)]
+    if ds_cfg is not None:
+        argv += ["--deepspeed_config_file", str(ds_cfg)]
+    env: dict[str, str] = {}
+    if stage is not None:
+        # accelerate exports the stage only from its own zero_stage field, not from a DeepSpeed file;
+        # the model loader needs it to store QLoRA's 4-bit weights in a dtype ZeRO-3 can shard.
+        env["ACCELERATE_DEEPSPEED_ZERO_STAGE"] = str(stage)
+    if on_cpu:
+        argv += ["--num_cpu_threads_per_process", str(max(1, cpu_cores() // num_processes))]
+        # On CPU the trainer must not be told it is on CPU when DeepSpeed runs: accelerate would drop DeepSpeed.
+        env["ACCELERATE_USE_CPU"] = "false" if kind == "deepspeed" else "true"
+    if kind != "single":
+        env["PET_SIGNALS_TO_HANDLE"] = FORWARDED_SIGNALS
+        env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", DEFAULT_SHUTDOWN_TIMEOUT)
+    train_args = [a for o in overrides for a in ("--set", o)] + list(train_flags)
+    argv += [*accelerate_args, "-m", "sftdist", "train", recipe, *train_args]
+    return Launch(argv=argv, env=env, kind=kind)
+
+
+def _forward_to_children(signum: int, frame: object) -> None:
+    """Pass a preemption signal on to the training process (accelerate's simple launcher does not);
+    with no training process yet, take the signal's default action (stop)."""
+    import psutil
+
+    children = psutil.Process().children()
+    if not children:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+    for child in children:
+        try:
+            child.send_signal(signum)
+        except psutil.NoSuchProcess:
+            pass
+
+
+def _exit_code(code: int) -> int:
+    return 128 - code if code < 0 else code
+
+
+def run_launch(launch: Launch) -> int:
+    """Run `accelerate launch` in this process and return the training processes' exit code.
+
+    In-process, so the torchrun agent is this process: a signal sent to it (slurm, Ctrl-C) reaches
+    the workers, and their failure is caught here with its exit code instead of a traceback.
+    """
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    from sftdist.checkpoint import EXIT_PREEMPTED
+
+    os.environ.update(launch.env)
+    # Until torchrun installs its own handlers (multi-process), and for the single-process launcher:
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, _forward_to_children)
+    # Ctrl-C already reaches the training process (same process group); wait for it to save and exit.
+    signal.signal(signal.SIGINT, lambda signum, frame: None)
+    args = launch_command_parser().parse_args(launch.argv)
+    try:
+        launch_command(args)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        code = _exit_code(failure.exitcode) or 1
+        print(f"sftdist launch: rank {rank} exited with code {code}; see its output above", file=sys.stderr)
+        return code
+    except subprocess.CalledProcessError as e:
+        return _exit_code(e.returncode) or 1
+    except SignalException as e:
+        if e.sigval in (signal.SIGUSR1, signal.SIGTERM):
+            print(f"sftdist launch: stopped by {e.sigval.name}; the workers were asked to checkpoint", file=sys.stderr)
+            return EXIT_PREEMPTED
+        return 128 + int(e.sigval)
+    except ConnectionError as e:
+        raise UserError(str(e).splitlines()[0]) from None
+    return 0

@@ -1,0 +1,179 @@
+"""Real 2-process runs through `sftdist launch` on CPU, one per strategy, and the guarantee that
+the strategy does not change what is learned.
+
+Every run trains the same recipe with the same global batch of 4 sequences per optimizer step:
+`single` is 1 process x batch 2 x accumulation 2; the others are 2 processes x batch 2. Each run
+must prove it was distributed (the distributed type, 2 processes, and in every step the tokens of
+both micro-batches), and its per-step losses and final weights must match `single`.
+
+Tolerance: every run computes the same fp32 sums over the same samples; only the order of the
+cross-process additions (gloo all-reduce / reduce-scatter vs. accumulation in one process) differs,
+which reorders roundings of ~1e-7 relative. Losses: LOSS_ATOL = 1e-4 (measured <= 1e-6). Weights:
+Adam divides each update by sqrt(v) + 1e-8, so entries whose gradients are near zero (LoRA's A at
+the first steps) turn those roundings into visible update differences: WEIGHT_ATOL = 5e-5, 1% of
+one Adam step at lr 5e-3 (measured <= 1.7e-6 full, <= 1.2e-5 LoRA). QLoRA: trl keeps the adapter in
+bf16; single/ddp/fsdp2 run the same bf16 updates (measured: identical), while ZeRO-3 updates an
+fp32 copy and rounds it, so qlora-zero3 agrees to bf16 precision only (BF16_* bounds; measured
+<= 2e-4 loss, <= 3.7e-3 weights, a few bf16 steps at |w| ~ 0.1). LoRA dropout is 0: dropout masks are
+drawn per process and would differ by construction.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, run_cli
+
+DEMO_TRAIN = REPO / "sftdist" / "demo" / "train.jsonl"
+STEPS = 4
+LOSS_ATOL = 1e-4
+WEIGHT_ATOL = 5e-5
+BF16_LOSS_ATOL = 1e-3
+BF16_WEIGHT_ATOL = 1e-2
+EXPECTED_TYPE = {
+    "ddp": "MULTI_CPU", "fsdp2": "FSDP", "zero1": "DEEPSPEED", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED",
+    "zero3-offload": "DEEPSPEED",
+}
+# (method, strategy) pairs trained with 2 processes; each is compared with (method, "single").
+CASES = [
+    *[("full", s) for s in ("ddp", "zero2", "zero3", "fsdp2")],
+    *[("lora", s) for s in ("ddp", "zero2", "zero3", "fsdp2")],
+    *[("qlora", s) for s in ("ddp", "zero3", "fsdp2")],
+    ("full", "zero1"),
+    ("full", "zero3-offload"),
+]
+
+_runs: dict[tuple[str, str], Path] = {}
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """64 demo rows, copied once so that every run of the session reads the same bytes."""
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    with DEMO_TRAIN.open(encoding="utf-8") as f:
+        path.write_text("".join(f.readline() for _ in range(64)), encoding="utf-8")
+    return path
+
+
+def write_recipe(path: Path, model: Path, data: Path, method: str, accumulation: int, output_dir: Path) -> None:
+    recipe = {
+        "model": {"name_or_path": str(model)},
+        "method": method,
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "data": {"train": [{"path": str(data)}], "max_length": 64},
+        "train": {
+            "max_steps": STEPS,
+            "per_device_train_batch_size": 2,
+            "gradient_accumulation_steps": accumulation,
+            "learning_rate": 5e-3 if method != "full" else 1e-3,
+            "lr_scheduler_type": "constant",
+            "logging_steps": 1,
+            "report_to": [],
+            "seed": 7,
+        },
+        "output_dir": str(output_dir),
+    }
+    path.write_text(yaml.safe_dump(recipe))
+
+
+def trained(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, data: Path, method: str, strategy: str) -> Path:
+    """Run (once per session) `sftdist launch` for method x strategy and return its output_dir."""
+    key = (method, strategy)
+    if key not in _runs:
+        root = tmp_path_factory.mktemp(f"{method}-{strategy}")
+        single = strategy == "single"
+        write_recipe(root / "recipe.yaml", tiny_model, data, method, 2 if single else 1, root / "run")
+        procs = [] if single else ["--num-processes", "2"]
+        proc = run_cli("launch", str(root / "recipe.yaml"), "--strategy", strategy, *procs)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        _runs[key] = root / "run"
+    return _runs[key]
+
+
+def history(run: Path) -> tuple[list[float], list[float]]:
+    """Per-step losses and tokens per step (trl's num_tokens is gathered over all processes)."""
+    logs = [e for e in json.loads((run / "trainer_state.json").read_text())["log_history"] if "loss" in e]
+    assert [e["step"] for e in logs] == list(range(1, STEPS + 1))
+    tokens = [e["num_tokens"] for e in logs]
+    return [e["loss"] for e in logs], [b - a for a, b in zip([0.0, *tokens], tokens)]
+
+
+def final_weights(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    final = run / "final"
+    file = final / "adapter_model.safetensors"
+    return load_file(file if file.is_file() else final / "model.safetensors")
+
+
+@pytest.mark.parametrize("method, strategy", CASES, ids=[f"{m}-{s}" for m, s in CASES])
+def test_strategy_is_distributed_and_learns_what_single_learns(tmp_path_factory, tiny_model, rows, method, strategy):
+    run = trained(tmp_path_factory, tiny_model, rows, method, strategy)
+    ref = trained(tmp_path_factory, tiny_model, rows, method, "single")
+
+    state = json.loads((run / "sftdist_run.json").read_text())["distributed"]
+    assert state["distributed_type"] == EXPECTED_TYPE[strategy]
+    assert (state["num_processes"], state["backend"], state["global_batch"]) == (2, "gloo", 4)
+    if strategy.startswith("zero"):
+        assert state["zero_stage"] == int(strategy[4])
+    assert json.loads((ref / "sftdist_run.json").read_text())["distributed"]["num_processes"] == 1
+
+    losses, tokens = history(run)
+    ref_losses, ref_tokens = history(ref)
+    # Each step saw both micro-batches, split over the two processes: the tokens of accumulation 2.
+    assert tokens == ref_tokens
+    bf16_master = method == "qlora" and strategy.startswith("zero3")
+    loss_atol, weight_atol = (BF16_LOSS_ATOL, BF16_WEIGHT_ATOL) if bf16_master else (LOSS_ATOL, WEIGHT_ATOL)
+    assert max(abs(a - b) for a, b in zip(losses, ref_losses)) <= loss_atol, (losses, ref_losses)
+    assert losses[-1] < losses[0]
+
+    weights, ref_weights = final_weights(run), final_weights(ref)
+    assert {k: v.shape for k, v in weights.items()} == {k: v.shape for k, v in ref_weights.items()}
+    worst = max((weights[k].float() - ref_weights[k].float()).abs().max().item() for k in weights)
+    assert worst <= weight_atol, worst
+
+
+def test_failing_workers_exit_code_is_launchs(tmp_path, rows):
+    """A user error in the training processes is the launch's exit code (2), not accelerate's 1."""
+    recipe = tmp_path / "recipe.yaml"
+    write_recipe(recipe, tmp_path / "no-such-model", rows, "full", 1, tmp_path / "run")
+    for strategy, procs in (("ddp", ["--num-processes", "2"]), ("single", [])):
+        proc = run_cli("launch", str(recipe), "--strategy", strategy, *procs)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert f"error: {tmp_path / 'no-such-model'}: model path does not exist" in proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("strategy", ["single", "ddp"])
+def test_signal_to_the_launcher_checkpoints_and_exits_75(tmp_path, tiny_model, rows, strategy):
+    """SIGUSR1 sent to `sftdist launch` alone (not to its workers) still reaches the training
+    processes, which checkpoint and stop; the launch exits with 75 ("run again to resume")."""
+    recipe = tmp_path / "recipe.yaml"
+    write_recipe(recipe, tiny_model, rows, "full", 1, tmp_path / "run")
+    raw = yaml.safe_load(recipe.read_text())
+    raw["train"].update(max_steps=500, save_steps=1000)
+    recipe.write_text(yaml.safe_dump(raw))
+    procs = [] if strategy == "single" else ["--num-processes", "2"]
+    launch = subprocess.Popen(
+        [sys.executable, "-m", "sftdist", "launch", str(recipe), "--strategy", strategy, *procs],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    out = []
+    for line in launch.stdout:
+        out.append(line)
+        if line.startswith("sftdist: {"):
+            time.sleep(1)
+            launch.send_signal(signal.SIGUSR1)
+            break
+    out += launch.stdout.readlines()
+    assert launch.wait(timeout=300) == 75, "".join(out)[-3000:]
+    ckpts = [p for p in (tmp_path / "run").glob("checkpoint-*") if (p / "sftdist_complete").is_file()]
+    assert len(ckpts) == 1 and not (tmp_path / "run" / "final").exists()
