@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sftdist import checkpoint, distributed
+from sftdist import checkpoint, distributed, fast_head
 from sftdist.errors import UserError
 from sftdist.recipe import Recipe, check_train_keys
 
@@ -62,9 +62,12 @@ def build_sft_config(recipe: Recipe) -> Any:
                     f"{recipe.source}: train.{flag}: true, but no GPU is visible and CPU training runs in "
                     f"float32; remove train.{flag}"
                 )
+    train, hardware = train_kwargs(recipe), distributed.training_overrides()
+    if "accelerator_config" in hardware:  # merge with the recipe's, rather than replace it
+        hardware["accelerator_config"] = {**(train.get("accelerator_config") or {}), **hardware["accelerator_config"]}
     kwargs = {
-        **train_kwargs(recipe),
-        **distributed.training_overrides(),
+        **train,
+        **hardware,
         "output_dir": recipe.output_dir,
         "max_length": recipe.data.max_length,
         "packing": recipe.data.packing,
@@ -102,6 +105,7 @@ def run_training(recipe: Recipe, resume: bool = True, overwrite: bool = False) -
         processing_class=tokenizer,
         peft_config=lora_config(recipe) if recipe.method in ("lora", "qlora") else None,
     )
+    fast_head.install(trainer)  # CPU: trl's fused head scores every position and attends across the flat batch
     state = distributed.check_state(trainer)
     if trainer.is_world_process_zero():
         print(f"sftdist: {json.dumps(state)}", flush=True)
