@@ -9,6 +9,9 @@ whole question fits in the instruction, so both branches of the prompt template 
 Word lists are written one per line: a byte-level BPE then gives each word the same token in the
 context and in the answer (after a space it would be a different, `Ġ`-prefixed token), which is
 what lets a 1M-parameter model learn to copy within minutes.
+Train it packed at a small max_length (128) with several packed rows per step: best-fit packing
+groups rows of equal length, which here means rows of the same task, so one long packed row per step
+trains one task at a time and the list tasks were learned far less reliably (51-82% vs 96-97%).
 `python -m sftdist.demo` rewrites `train.jsonl` and `heldout.jsonl` byte for byte.
 """
 
