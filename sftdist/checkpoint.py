@@ -30,9 +30,7 @@ WEIGHT_PATTERNS = ("model*.safetensors", "adapter_model.safetensors", "pytorch_m
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2, default=str))
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -41,7 +41,7 @@ def parse_size(text: str, what: str = "--gpu-memory") -> int:
     """'80GiB', '24GB', '81920MiB' -> bytes (GB is 10^9, GiB is 2^30; nvidia-smi's MiB are 2^20)."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
     if not m or m.group(2).lower() not in SIZE_UNITS:
-        raise UserError(f"{what} {text!r}: expected a size such as 80GiB, 24GB or 81920MiB")
+        raise UserError(f"{what} {text!r}: expected a size such as 500MB, 24GB or 80GiB")
     size = int(float(m.group(1)) * SIZE_UNITS[m.group(2).lower()])
     if size <= 0:
         raise UserError(f"{what} {text!r}: expected a positive size")

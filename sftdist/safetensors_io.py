@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,6 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 PICKLE_SINGLE = "pytorch_model.bin"
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 DTYPE_NAMES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
     "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
@@ -31,14 +29,10 @@ DTYPE_SIZES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64":
 
 
 def parse_size(text: str) -> int:
-    """'2GB' / '500MB' / '1.5GiB' / '1000000' -> bytes (decimal units, as `save_pretrained` reads them)."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?I?B?)\s*", text.upper())
-    if not m or m.group(2) not in _UNITS:
-        raise UserError(f"--max-shard-size {text!r}: expected a size such as 500MB or 2GB")
-    size = int(float(m.group(1)) * _UNITS[m.group(2)])
-    if size <= 0:
-        raise UserError(f"--max-shard-size {text!r}: expected a positive size")
-    return size
+    """'2GB' / '500MB' / '1.5GiB' -> bytes, read as `save_pretrained` reads them (GB = 10^9)."""
+    from sftdist.plan import parse_size as parse
+
+    return parse(text, "--max-shard-size")
 
 
 def _shards_from_index(index: Path) -> list[Path]:
