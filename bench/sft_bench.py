@@ -329,6 +329,10 @@ def _check(rc: int, what: str, log: Path) -> None:
 
 def train_one(work: Path, name: str, rep: int, opts: argparse.Namespace) -> dict[str, Any]:
     out = work / "runs" / f"{name}-{rep}"
+    if opts.reuse and (out / "result.json").is_file():  # an interrupted invocation's finished run
+        info = json.loads((out / "result.json").read_text(encoding="utf-8"))
+        print(f"  {name} rep {rep}: reused {out / 'result.json'}", flush=True)
+        return info
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     log = out / "log.txt"
@@ -355,6 +359,7 @@ def train_one(work: Path, name: str, rep: int, opts: argparse.Namespace) -> dict
           f"{info['steps']} steps, train {info['train_seconds']:.0f} s", flush=True)
     if not opts.keep:
         shutil.rmtree(out / "final", ignore_errors=True)
+    (out / "result.json").write_text(json.dumps(info), encoding="utf-8")
     return info
 
 
@@ -448,6 +453,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "sftdist-bench",
                     help="scratch folder (default: $TMPDIR/sftdist-bench)")
     ap.add_argument("--keep", action="store_true", help="keep each run's final model")
+    ap.add_argument("--reuse", action="store_true", help="reuse the finished runs of an interrupted invocation")
     # children
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
