@@ -13,7 +13,7 @@ $(BIN)/sftdist: pyproject.toml
 .PHONY: demo test
 demo: $(BIN)/sftdist
 	$(BIN)/sftdist make-tiny-model models/tiny
-	$(BIN)/sftdist train recipes/demo.yaml --no-resume
+	$(BIN)/sftdist train recipes/demo.yaml --overwrite
 	$(BIN)/sftdist generate runs/demo/final --compare models/tiny \
 		--prompts-file sftdist/demo/heldout.jsonl --greedy --max-new-tokens 16
 

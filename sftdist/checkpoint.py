@@ -26,7 +26,8 @@ from sftdist.recipe import RECIPE_FILE, Recipe
 COMPLETE_MARKER = "sftdist_complete"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on a signal after saving; run again to resume
-WEIGHT_PATTERNS = ("model*.safetensors", "adapter_model.safetensors", "pytorch_model_fsdp_0", "*.distcp")
+FSDP_SHARDS = "pytorch_model_fsdp_0"  # accelerate's folder of FSDP SHARDED_STATE_DICT model shards
+WEIGHT_PATTERNS = ("model*.safetensors", "adapter_model.safetensors", FSDP_SHARDS, "*.distcp")
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -145,6 +146,11 @@ def make_trainer_class(base: type, max_shard_size: str) -> type:
             finally:
                 model.__dict__.pop("save_pretrained", None)
 
+        def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+            super().save_model(output_dir, _internal_call)
+            if _fsdp_sharded(self) and self.args.should_save:
+                _write_model_description(self, Path(output_dir or self.args.output_dir))
+
         def _save_checkpoint(self, model: Any, trial: Any) -> None:
             limit = self.args.save_total_limit
             self.args.save_total_limit = None  # rotate only once the new checkpoint is complete
@@ -161,6 +167,33 @@ def make_trainer_class(base: type, max_shard_size: str) -> type:
             self.accelerator.wait_for_everyone()
 
     return SftdistTrainer
+
+
+def _fsdp_sharded(trainer: Any) -> bool:
+    return getattr(trainer, "is_fsdp_enabled", False) and "SHARDED" in str(
+        trainer.accelerator.state.fsdp_plugin.state_dict_type
+    )
+
+
+def _write_model_description(trainer: Any, output_dir: Path) -> None:
+    """Gap: under FSDP `SHARDED_STATE_DICT` the Trainer's checkpoint holds only the DCP shards, no
+    config or tokenizer, so nothing (sftdist export, a user) can rebuild a model from it. Write what
+    `save_pretrained` would have written beside the weights: the model's config and generation
+    config, or the adapter's config for a LoRA run (whose shards hold the adapter only), and the tokenizer."""
+    import copy
+
+    model = trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "peft_config"):
+        config = copy.deepcopy(model.peft_config[model.active_adapter])
+        config.inference_mode = True  # as PeftModel.save_pretrained writes it
+        config.save_pretrained(str(output_dir))
+    else:
+        model.config.save_pretrained(output_dir)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(output_dir)
+    if trainer.processing_class is not None:
+        trainer.processing_class.save_pretrained(output_dir)
 
 
 def _any_rank(flag: bool) -> bool:

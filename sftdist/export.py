@@ -4,41 +4,44 @@ The weights come from the most exact source the checkpoint holds: ZeRO shards ar
 deepspeed's `zero_to_fp32` (the fp32 master weights), FSDP2 `SHARDED_STATE_DICT` shards with torch's
 distributed-checkpoint reader (what `accelerate merge-weights` does), otherwise the saved safetensors.
 The output is sharded safetensors with an index, the config, the tokenizer and chat template, and a
-generation config whose EOS is the tokenizer's. It is built beside `--out` and renamed at the end.
+generation config whose EOS is the tokenizer's. A LoRA checkpoint exports its adapter (from the
+adapter file, or from FSDP2 shards, which hold only the adapter), or with `--merge` the merged model.
+It is built beside `--out` and renamed at the end.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from sftdist.checkpoint import CHECKPOINT_RE, COMPLETE_MARKER
+from sftdist.checkpoint import CHECKPOINT_RE, COMPLETE_MARKER, FSDP_SHARDS
 from sftdist.errors import UserError
+from sftdist.merge import ADAPTER_CONFIG, TOKENIZER_FILES, merge_adapter, run_file
+from sftdist.recipe import RECIPE_FILE
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-)
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "sftdist_recipe.yaml", "trainer_state.json")
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_RUN_FILES = (RECIPE_FILE, "trainer_state.json")  # what merge-adapter's model card and QLoRA merge read
 
 
 def checkpoint_kind(ckpt: Path) -> str:
-    """'zero', 'fsdp', 'adapter' or 'full', from what the directory holds."""
-    if any(ckpt.glob("global_step*")):
+    """'adapter', 'fsdp-adapter', 'zero', 'fsdp' or 'full', from what the directory holds.
+
+    A LoRA checkpoint is an adapter whatever the strategy: under ZeRO its global_step* shards hold
+    the frozen base too, but the adapter file beside them is the whole trained state."""
+    if (ckpt / ADAPTER_CONFIG).is_file():
+        if (ckpt / ADAPTER_WEIGHTS).is_file():
+            return "adapter"
+        if (ckpt / FSDP_SHARDS).is_dir():
+            return "fsdp-adapter"
+    elif any(ckpt.glob("global_step*")):
         return "zero"
-    if (ckpt / "pytorch_model_fsdp_0").is_dir():
+    elif (ckpt / FSDP_SHARDS).is_dir():
         return "fsdp"
-    if (ckpt / "adapter_model.safetensors").is_file():
-        return "adapter"
-    if any(ckpt.glob("model*.safetensors")):
+    elif any(ckpt.glob("model*.safetensors")):
         return "full"
     raise UserError(f"{ckpt}: holds no model weights (no safetensors, ZeRO or FSDP shards)")
 
@@ -48,8 +51,8 @@ def check_checkpoint(ckpt: Path) -> None:
         raise UserError(f"{ckpt}: checkpoint directory does not exist")
     if CHECKPOINT_RE.match(ckpt.name) and not (ckpt / COMPLETE_MARKER).is_file():
         raise UserError(f"{ckpt}: checkpoint is incomplete (no {COMPLETE_MARKER} marker; the run stopped mid-write)")
-    if not (ckpt / "config.json").is_file() and not (ckpt / "adapter_config.json").is_file():
-        raise UserError(f"{ckpt}: no config.json or adapter_config.json, so it is not a model checkpoint")
+    if not (ckpt / "config.json").is_file() and not (ckpt / ADAPTER_CONFIG).is_file():
+        raise UserError(f"{ckpt}: no config.json or {ADAPTER_CONFIG}, so it is not a model checkpoint")
 
 
 def check_out_dir(out: Path) -> None:
@@ -58,19 +61,19 @@ def check_out_dir(out: Path) -> None:
 
 
 def consolidated_state_dict(ckpt: Path, kind: str) -> dict[str, Any]:
-    """Whole, unsharded weights of a full-model checkpoint."""
+    """Whole, unsharded weights of a checkpoint (an FSDP2 LoRA checkpoint's shards hold the adapter only)."""
     if kind == "zero":
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         return get_fp32_state_dict_from_zero_checkpoint(str(ckpt))
-    if kind == "fsdp":
+    if kind in ("fsdp", "fsdp-adapter"):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner, _load_state_dict
 
         state: dict[str, Any] = {}
         _load_state_dict(
             state,
-            storage_reader=dcp.FileSystemReader(str(ckpt / "pytorch_model_fsdp_0")),
+            storage_reader=dcp.FileSystemReader(str(ckpt / FSDP_SHARDS)),
             planner=_EmptyStateDictLoadPlanner(),
             no_dist=True,
         )
@@ -78,7 +81,7 @@ def consolidated_state_dict(ckpt: Path, kind: str) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     state = {}
-    for f in sorted(ckpt.glob("model*.safetensors")):
+    for f in sorted(ckpt.glob(ADAPTER_WEIGHTS if kind == "adapter" else "model*.safetensors")):
         state.update(load_file(str(f)))
     return state
 
@@ -87,6 +90,25 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
+
+
+def _write_adapter(ckpt: Path, kind: str, dst: Path) -> None:
+    """The adapter as peft saves it, plus the run's recipe and trainer state (merge-adapter reads them:
+    a QLoRA adapter is merged into the 4-bit base it was trained against)."""
+    from safetensors.torch import save_file
+
+    dst.mkdir(parents=True, exist_ok=True)
+    if kind == "adapter":
+        shutil.copy2(ckpt / ADAPTER_WEIGHTS, dst / ADAPTER_WEIGHTS)
+    else:
+        state = consolidated_state_dict(ckpt, kind)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(dst / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    shutil.copy2(ckpt / ADAPTER_CONFIG, dst / ADAPTER_CONFIG)
+    for name in ADAPTER_RUN_FILES:
+        src = run_file(ckpt, name)
+        if src is not None:
+            shutil.copy2(src, dst / name)
+    _copy_tokenizer(ckpt, dst)
 
 
 def _write_full_model(ckpt: Path, kind: str, tmp: Path, max_shard_size: str) -> None:
@@ -119,27 +141,25 @@ def export_checkpoint(checkpoint: str, out: str, merge: bool, max_shard_size: st
     check_checkpoint(ckpt)
     check_out_dir(out_path)
     kind = checkpoint_kind(ckpt)
+    if merge and kind not in ("adapter", "fsdp-adapter"):
+        raise UserError(f"{ckpt}: --merge needs a LoRA/QLoRA checkpoint, but this one holds a full model")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
     try:
-        if kind == "adapter" and merge:
-            import json
-
-            from sftdist.merge import merge_adapter
-
-            base = json.loads((ckpt / "adapter_config.json").read_text(encoding="utf-8"))["base_model_name_or_path"]
-            tmp.rmdir()  # merge_adapter builds its own temporary directory and renames it into place
-            merge_adapter(base, str(ckpt), str(tmp), max_shard_size=max_shard_size)
-        elif kind == "adapter":
-            for name in ADAPTER_FILES:
-                if (ckpt / name).is_file():
-                    shutil.copy2(ckpt / name, tmp / name)
-            _copy_tokenizer(ckpt, tmp)
+        if kind in ("adapter", "fsdp-adapter"):
+            result = adapter = tmp / "adapter"
+            _write_adapter(ckpt, kind, adapter)
+            if merge:
+                base = json.loads((adapter / ADAPTER_CONFIG).read_text(encoding="utf-8"))["base_model_name_or_path"]
+                result = tmp / "merged"
+                merge_adapter(base, str(adapter), str(result), max_shard_size=max_shard_size)
         else:
-            _write_full_model(ckpt, kind, tmp, max_shard_size)
+            result = tmp / "model"
+            result.mkdir()
+            _write_full_model(ckpt, kind, result, max_shard_size)
         if out_path.exists():
             out_path.rmdir()
-        os.replace(tmp, out_path)
+        os.replace(result, out_path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_path

@@ -205,7 +205,7 @@ def _device(name: str) -> Any:
     return dev
 
 
-def _run_file(adapter_dir: Path, name: str) -> Path | None:
+def run_file(adapter_dir: Path, name: str) -> Path | None:
     """A file of the training run: beside the adapter (final/) or in the run's output_dir above it."""
     for d in (adapter_dir, adapter_dir.parent):
         if (d / name).is_file():
@@ -214,7 +214,7 @@ def _run_file(adapter_dir: Path, name: str) -> Path | None:
 
 
 def _read_recipe(adapter_dir: Path) -> dict[str, Any]:
-    path = _run_file(adapter_dir, RECIPE_FILE)
+    path = run_file(adapter_dir, RECIPE_FILE)
     if path is None:
         return {}
     try:
@@ -686,7 +686,7 @@ def verify_merge(base: Path, ad: Adapter, merged: Path, quant: QuantSpec | None,
 
 
 def _training_summary(adapter_dir: Path) -> list[str]:
-    path = _run_file(adapter_dir, TRAINER_STATE)
+    path = run_file(adapter_dir, TRAINER_STATE)
     if path is None:
         return ["- training: no trainer_state.json beside the adapter"]
     try:

@@ -30,6 +30,15 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def demo_rows(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """64 demo rows, copied once so that every launched run of the session reads the same bytes."""
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    with (REPO / "sftdist" / "demo" / "train.jsonl").open(encoding="utf-8") as f:
+        path.write_text("".join(f.readline() for _ in range(64)), encoding="utf-8")
+    return path
+
+
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600):
     """Run the real `sftdist` CLI in a subprocess (as a user would) and return the CompletedProcess."""
     full_env = {**os.environ, **(env or {})}

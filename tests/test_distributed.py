@@ -1,9 +1,9 @@
 """Real 2-process runs through `sftdist launch` on CPU, one per strategy, and the guarantee that
 the strategy does not change what is learned.
 
-Every run trains the same recipe with the same global batch of 4 sequences per optimizer step:
-`single` is 1 process x batch 2 x accumulation 2; the others are 2 processes x batch 2. Each run
-must prove it was distributed (the distributed type, 2 processes, and in every step the tokens of
+Every run (tests/launched.py) trains the same recipe with the same global batch of 4 sequences per
+optimizer step: `single` is 1 process x batch 2 x accumulation 2; the others are 2 processes x batch 2.
+Each run must prove it was distributed (the distributed type, 2 processes, and in every step the tokens of
 both micro-batches), and its per-step losses and final weights must match `single`.
 
 Tolerance: every run computes the same fp32 sums over the same samples; only the order of the
@@ -31,11 +31,8 @@ import pytest
 import yaml
 
 from conftest import REPO, run_cli
+from launched import LOSS_ATOL, STEPS, WEIGHT_ATOL, final_weights, history, trained, write_recipe
 
-DEMO_TRAIN = REPO / "sftdist" / "demo" / "train.jsonl"
-STEPS = 4
-LOSS_ATOL = 1e-4
-WEIGHT_ATOL = 5e-5
 BF16_LOSS_ATOL = 1e-3
 BF16_WEIGHT_ATOL = 1e-2
 EXPECTED_TYPE = {
@@ -51,73 +48,10 @@ CASES = [
     ("full", "zero3-offload"),
 ]
 
-_runs: dict[tuple[str, str], Path] = {}
-
-
-@pytest.fixture(scope="module")
-def rows(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """64 demo rows, copied once so that every run of the session reads the same bytes."""
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    with DEMO_TRAIN.open(encoding="utf-8") as f:
-        path.write_text("".join(f.readline() for _ in range(64)), encoding="utf-8")
-    return path
-
-
-def write_recipe(path: Path, model: Path, data: Path, method: str, accumulation: int, output_dir: Path) -> None:
-    recipe = {
-        "model": {"name_or_path": str(model)},
-        "method": method,
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-        "data": {"train": [{"path": str(data)}], "max_length": 64},
-        "train": {
-            "max_steps": STEPS,
-            "per_device_train_batch_size": 2,
-            "gradient_accumulation_steps": accumulation,
-            "learning_rate": 5e-3 if method != "full" else 1e-3,
-            "lr_scheduler_type": "constant",
-            "logging_steps": 1,
-            "report_to": [],
-            "seed": 7,
-        },
-        "output_dir": str(output_dir),
-    }
-    path.write_text(yaml.safe_dump(recipe))
-
-
-def trained(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, data: Path, method: str, strategy: str) -> Path:
-    """Run (once per session) `sftdist launch` for method x strategy and return its output_dir."""
-    key = (method, strategy)
-    if key not in _runs:
-        root = tmp_path_factory.mktemp(f"{method}-{strategy}")
-        single = strategy == "single"
-        write_recipe(root / "recipe.yaml", tiny_model, data, method, 2 if single else 1, root / "run")
-        procs = [] if single else ["--num-processes", "2"]
-        proc = run_cli("launch", str(root / "recipe.yaml"), "--strategy", strategy, *procs)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        _runs[key] = root / "run"
-    return _runs[key]
-
-
-def history(run: Path) -> tuple[list[float], list[float]]:
-    """Per-step losses and tokens per step (trl's num_tokens is gathered over all processes)."""
-    logs = [e for e in json.loads((run / "trainer_state.json").read_text())["log_history"] if "loss" in e]
-    assert [e["step"] for e in logs] == list(range(1, STEPS + 1))
-    tokens = [e["num_tokens"] for e in logs]
-    return [e["loss"] for e in logs], [b - a for a, b in zip([0.0, *tokens], tokens)]
-
-
-def final_weights(run: Path) -> dict:
-    from safetensors.torch import load_file
-
-    final = run / "final"
-    file = final / "adapter_model.safetensors"
-    return load_file(file if file.is_file() else final / "model.safetensors")
-
-
 @pytest.mark.parametrize("method, strategy", CASES, ids=[f"{m}-{s}" for m, s in CASES])
-def test_strategy_is_distributed_and_learns_what_single_learns(tmp_path_factory, tiny_model, rows, method, strategy):
-    run = trained(tmp_path_factory, tiny_model, rows, method, strategy)
-    ref = trained(tmp_path_factory, tiny_model, rows, method, "single")
+def test_strategy_is_distributed_and_learns_what_single_learns(tmp_path_factory, tiny_model, demo_rows, method, strategy):
+    run = trained(tmp_path_factory, tiny_model, demo_rows, method, strategy)
+    ref = trained(tmp_path_factory, tiny_model, demo_rows, method, "single")
 
     state = json.loads((run / "sftdist_run.json").read_text())["distributed"]
     assert state["distributed_type"] == EXPECTED_TYPE[strategy]
@@ -141,10 +75,10 @@ def test_strategy_is_distributed_and_learns_what_single_learns(tmp_path_factory,
     assert worst <= weight_atol, worst
 
 
-def test_failing_workers_exit_code_is_launchs(tmp_path, rows):
+def test_failing_workers_exit_code_is_launchs(tmp_path, demo_rows):
     """A user error in the training processes is the launch's exit code (2), not accelerate's 1."""
     recipe = tmp_path / "recipe.yaml"
-    write_recipe(recipe, tmp_path / "no-such-model", rows, "full", 1, tmp_path / "run")
+    write_recipe(recipe, tmp_path / "no-such-model", demo_rows, "full", 1, tmp_path / "run")
     for strategy, procs in (("ddp", ["--num-processes", "2"]), ("single", [])):
         proc = run_cli("launch", str(recipe), "--strategy", strategy, *procs)
         assert proc.returncode == 2, proc.stderr[-3000:]
@@ -153,11 +87,11 @@ def test_failing_workers_exit_code_is_launchs(tmp_path, rows):
 
 
 @pytest.mark.parametrize("strategy", ["single", "ddp"])
-def test_signal_to_the_launcher_checkpoints_and_exits_75(tmp_path, tiny_model, rows, strategy):
+def test_signal_to_the_launcher_checkpoints_and_exits_75(tmp_path, tiny_model, demo_rows, strategy):
     """SIGUSR1 sent to `sftdist launch` alone (not to its workers) still reaches the training
     processes, which checkpoint and stop; the launch exits with 75 ("run again to resume")."""
     recipe = tmp_path / "recipe.yaml"
-    write_recipe(recipe, tiny_model, rows, "full", 1, tmp_path / "run")
+    write_recipe(recipe, tiny_model, demo_rows, "full", 1, tmp_path / "run")
     raw = yaml.safe_load(recipe.read_text())
     raw["train"].update(max_steps=500, save_steps=1000)
     recipe.write_text(yaml.safe_dump(raw))
