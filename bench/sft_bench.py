@@ -112,7 +112,6 @@ def _time_train() -> None:
     Trainer.train = train
 
 
-
 def child_setup(work: Path, rows: int, eval_rows: int, lr: float, seed: int) -> None:
     """Model (seeded, safetensors), the train/held-out subsets and C's recipe, written once into `work`."""
     import torch

@@ -10,7 +10,9 @@ train.py in every rank: before the SFTConfig is built, and once the trainer exis
 from __future__ import annotations
 
 import atexit
+import json
 import os
+from pathlib import Path
 from typing import Any
 
 
@@ -25,6 +27,17 @@ def _launched_type() -> str | None:
     if _env_flag("ACCELERATE_USE_FSDP"):
         return "FSDP"
     return None
+
+
+def shards_parameters() -> bool:
+    """True under FSDP or ZeRO-3 (as `accelerate launch` asked), which flatten and shard parameters."""
+    if _launched_type() == "FSDP":
+        return True
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    ds_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if stage is None and ds_file and Path(ds_file).is_file():  # accelerate does not export a JSON's stage
+        stage = str(json.loads(Path(ds_file).read_text(encoding="utf-8")).get("zero_optimization", {}).get("stage"))
+    return stage == "3"
 
 
 def training_overrides() -> dict[str, Any]:

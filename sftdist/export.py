@@ -20,7 +20,7 @@ from typing import Any
 
 from sftdist.checkpoint import CHECKPOINT_RE, COMPLETE_MARKER, FSDP_SHARDS
 from sftdist.errors import UserError
-from sftdist.merge import ADAPTER_CONFIG, TOKENIZER_FILES, merge_adapter, run_file
+from sftdist.merge import ADAPTER_CONFIG, copy_tokenizer, merge_adapter, run_file
 from sftdist.recipe import RECIPE_FILE
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -61,7 +61,7 @@ def check_out_dir(out: Path) -> None:
 
 
 def consolidated_state_dict(ckpt: Path, kind: str) -> dict[str, Any]:
-    """Whole, unsharded weights of a checkpoint (an FSDP2 LoRA checkpoint's shards hold the adapter only)."""
+    """Whole, unsharded weights of a full-model checkpoint, or of an FSDP2 LoRA one (whose shards hold the adapter only)."""
     if kind == "zero":
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -81,15 +81,9 @@ def consolidated_state_dict(ckpt: Path, kind: str) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     state = {}
-    for f in sorted(ckpt.glob(ADAPTER_WEIGHTS if kind == "adapter" else "model*.safetensors")):
+    for f in sorted(ckpt.glob("model*.safetensors")):
         state.update(load_file(str(f)))
     return state
-
-
-def _copy_tokenizer(src: Path, dst: Path) -> None:
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
 
 
 def _write_adapter(ckpt: Path, kind: str, dst: Path) -> None:
@@ -108,7 +102,7 @@ def _write_adapter(ckpt: Path, kind: str, dst: Path) -> None:
         src = run_file(ckpt, name)
         if src is not None:
             shutil.copy2(src, dst / name)
-    _copy_tokenizer(ckpt, dst)
+    copy_tokenizer(ckpt, dst)
 
 
 def _write_full_model(ckpt: Path, kind: str, tmp: Path, max_shard_size: str) -> None:

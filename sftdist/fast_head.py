@@ -45,7 +45,7 @@ def install(trainer: Any) -> bool:
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
     model = trainer.model.get_base_model() if is_peft_model(trainer.model) else trainer.model
-    # Not verified under ZeRO-3, whose CPU runs do not yet reproduce single-process losses with either head.
+    # Not installed under ZeRO-3, where it has not been verified.
     if trainer.args.device.type != "cpu" or is_deepspeed_zero3_enabled() or not supported(model):
         return False
     row_length = trainer.args.max_length or 1024

@@ -615,10 +615,14 @@ def _write_side_files(base: Path, adapter: Path, out: Path, dtype: str, vocab: i
         if (src / "generation_config.json").is_file():
             shutil.copy2(src / "generation_config.json", out / "generation_config.json")
             break
-    tok_src = adapter if any((adapter / f).is_file() for f in TOKENIZER_FILES) else base
+    copy_tokenizer(adapter if any((adapter / f).is_file() for f in TOKENIZER_FILES) else base, out)
+
+
+def copy_tokenizer(src: Path, dst: Path) -> None:
+    """Copy the tokenizer files (and chat template) that `src` holds into `dst`."""
     for f in TOKENIZER_FILES:
-        if (tok_src / f).is_file():
-            shutil.copy2(tok_src / f, out / f)
+        if (src / f).is_file():
+            shutil.copy2(src / f, dst / f)
 
 
 def _prompt_ids(model_dir: Path, vocab: int) -> list[Any]:

@@ -8,10 +8,10 @@ packed samples apart; here packing is refused for those.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from sftdist import distributed
 from sftdist.data.templates import CHAT_TEMPLATES
 from sftdist.errors import UserError
 from sftdist.recipe import Recipe
@@ -115,19 +115,6 @@ def resolve_attention(recipe: Recipe) -> str:
     return impl
 
 
-def shards_parameters() -> bool:
-    """True under FSDP or ZeRO-3 (set by `accelerate launch`), which flatten and shard parameters."""
-    import os
-
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-        return True
-    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
-    ds_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
-    if stage is None and ds_file and Path(ds_file).is_file():  # accelerate does not export a JSON's stage
-        stage = str(json.loads(Path(ds_file).read_text(encoding="utf-8")).get("zero_optimization", {}).get("stage"))
-    return stage == "3"
-
-
 def quantization_config(recipe: Recipe) -> Any:
     """bitsandbytes 4-bit config; the packed weights are stored in the compute dtype when FSDP2/ZeRO-3
     must shard them (they only shard floating-point tensors), else in uint8 (bitsandbytes' default)."""
@@ -142,7 +129,7 @@ def quantization_config(recipe: Recipe) -> Any:
 
     compute = resolve_dtype(q.compute_dtype, f"{recipe.source}: quantization.compute_dtype")
     if q.storage_dtype == "auto":
-        storage = compute if shards_parameters() else torch.uint8
+        storage = compute if distributed.shards_parameters() else torch.uint8
     else:
         storage = getattr(torch, q.storage_dtype)
     return BitsAndBytesConfig(

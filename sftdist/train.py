@@ -10,7 +10,6 @@ position_ids) and turns our completion masks into labels.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any

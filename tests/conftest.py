@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -37,6 +39,24 @@ def demo_rows(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with (REPO / "sftdist" / "demo" / "train.jsonl").open(encoding="utf-8") as f:
         path.write_text("".join(f.readline() for _ in range(64)), encoding="utf-8")
     return path
+
+
+def copy_run(run: Path, recipe: Path, dest: Path) -> Path:
+    """Copy the finished run `run` of `recipe` to `dest` as if it had stopped after its last checkpoint
+    (no final model, trainer state or run info); return a recipe whose output_dir is `dest`."""
+    shutil.copytree(run, dest)
+    for name in ("final", "trainer_state.json", "sftdist_run.json"):
+        path = dest / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    new = dest.parent / f"{dest.name}.yaml"
+    new.write_text(yaml.safe_dump({**yaml.safe_load(recipe.read_text()), "output_dir": str(dest)}))
+    # The run's own copy of its recipe names the old output_dir; it must match the new recipe to resume.
+    saved = dest / "sftdist_recipe.yaml"
+    saved.write_text(saved.read_text().replace(str(run), str(dest)))
+    return new
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600):

@@ -50,9 +50,14 @@ def write_recipe(path: Path, model: Path, data: Path, method: str, accumulation:
     path.write_text(yaml.safe_dump(recipe))
 
 
-def launch(recipe: Path, strategy: str) -> subprocess.CompletedProcess:
+def launch_args(recipe: Path, strategy: str) -> list[str]:
+    """`sftdist` arguments that launch `recipe` with `strategy`: 2 processes, or 1 for `single`."""
     procs = [] if strategy == "single" else ["--num-processes", "2"]
-    proc = run_cli("launch", str(recipe), "--strategy", strategy, *procs)
+    return ["launch", str(recipe), "--strategy", strategy, *procs]
+
+
+def launch(recipe: Path, strategy: str) -> subprocess.CompletedProcess:
+    proc = run_cli(*launch_args(recipe, strategy))
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 

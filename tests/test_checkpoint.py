@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, run_cli
+from conftest import REPO, copy_run, run_cli
 from sftdist.checkpoint import COMPLETE_MARKER, EXIT_PREEMPTED
 
 DEMO = REPO / "sftdist" / "demo" / "train.jsonl"
@@ -66,15 +66,8 @@ def test_checkpoints_are_marked_complete(uninterrupted):
 def test_resume_reproduces_losses_exactly(tmp_path, uninterrupted):
     r, run = uninterrupted
     copy = tmp_path / "copy"
-    shutil.copytree(run, copy)
-    for p in ("checkpoint-6", "final", "trainer_state.json"):
-        shutil.rmtree(copy / p) if (copy / p).is_dir() else (copy / p).unlink()
-    r2 = tmp_path / "r2.yaml"
-    r2.write_text(yaml.safe_dump({**yaml.safe_load(r.read_text()), "output_dir": str(copy)}))
-    # The recipe saved in the copy names the old output_dir; fix it so the recipes match.
-    (copy / "sftdist_recipe.yaml").write_text(
-        (copy / "sftdist_recipe.yaml").read_text().replace(str(run), str(copy))
-    )
+    r2 = copy_run(run, r, copy)
+    shutil.rmtree(copy / "checkpoint-6")
     # A kill mid-write of a later checkpoint: the directory exists but has no marker.
     (copy / "checkpoint-9").mkdir()
     (copy / "checkpoint-9" / "model.safetensors").write_bytes(b"partial")

@@ -25,13 +25,12 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import yaml
 
 from conftest import REPO, run_cli
-from launched import LOSS_ATOL, STEPS, WEIGHT_ATOL, final_weights, history, trained, write_recipe
+from launched import LOSS_ATOL, WEIGHT_ATOL, final_weights, history, launch_args, trained, write_recipe
 
 BF16_LOSS_ATOL = 1e-3
 BF16_WEIGHT_ATOL = 1e-2
@@ -79,8 +78,8 @@ def test_failing_workers_exit_code_is_launchs(tmp_path, demo_rows):
     """A user error in the training processes is the launch's exit code (2), not accelerate's 1."""
     recipe = tmp_path / "recipe.yaml"
     write_recipe(recipe, tmp_path / "no-such-model", demo_rows, "full", 1, tmp_path / "run")
-    for strategy, procs in (("ddp", ["--num-processes", "2"]), ("single", [])):
-        proc = run_cli("launch", str(recipe), "--strategy", strategy, *procs)
+    for strategy in ("ddp", "single"):
+        proc = run_cli(*launch_args(recipe, strategy))
         assert proc.returncode == 2, proc.stderr[-3000:]
         assert f"error: {tmp_path / 'no-such-model'}: model path does not exist" in proc.stderr
         assert "Traceback" not in proc.stderr
@@ -95,9 +94,8 @@ def test_signal_to_the_launcher_checkpoints_and_exits_75(tmp_path, tiny_model, d
     raw = yaml.safe_load(recipe.read_text())
     raw["train"].update(max_steps=500, save_steps=1000)
     recipe.write_text(yaml.safe_dump(raw))
-    procs = [] if strategy == "single" else ["--num-processes", "2"]
     launch = subprocess.Popen(
-        [sys.executable, "-m", "sftdist", "launch", str(recipe), "--strategy", strategy, *procs],
+        [sys.executable, "-m", "sftdist", *launch_args(recipe, strategy)],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     out = []

@@ -13,13 +13,12 @@ WEIGHT_ATOL; measured: identical losses and weights there too).
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import run_cli
+from conftest import copy_run, run_cli
 from launched import LOSS_ATOL, STEPS, WEIGHT_ATOL, final_weights, history, launch, trained
 from sftdist.checkpoint import COMPLETE_MARKER
 from sftdist.export import checkpoint_kind, consolidated_state_dict
@@ -28,17 +27,8 @@ from sftdist.export import checkpoint_kind, consolidated_state_dict
 def stopped_copy(run: Path, dest: Path) -> Path:
     """`run` as it would be had it been killed while writing checkpoint-4: checkpoint-2 complete,
     checkpoint-4 with its files but no completion marker, no final model; returns the recipe."""
-    shutil.copytree(run, dest)
-    for name in ("final", "trainer_state.json", "sftdist_run.json"):
-        shutil.rmtree(dest / name) if (dest / name).is_dir() else (dest / name).unlink()
+    recipe = copy_run(run, run.parent / "recipe.yaml", dest)
     (dest / f"checkpoint-{STEPS}" / COMPLETE_MARKER).unlink()
-    raw = yaml.safe_load((run.parent / "recipe.yaml").read_text())
-    raw["output_dir"] = str(dest)
-    recipe = dest.parent / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(raw))
-    # The run's own copy of its recipe names the old output_dir; this one must match the new recipe.
-    saved = dest / "sftdist_recipe.yaml"
-    saved.write_text(saved.read_text().replace(str(run), str(dest)))
     return recipe
 
 
