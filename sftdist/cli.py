@@ -107,6 +107,18 @@ def data(recipe: str, overrides: tuple[str, ...], check: bool) -> None:
 
 
 @cli.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--force", is_flag=True, help="Rebuild the cache entry even if a complete one exists.")
+def prepare(recipe: str, overrides: tuple[str, ...], force: bool) -> None:
+    """Tokenize and pack RECIPE's data once into the cache that `train` (every rank) memory-maps."""
+    from sftdist.data.inspect import report_data
+    from sftdist.recipe import load_recipe
+
+    report_data(load_recipe(recipe, overrides), force=force)
+
+
+@cli.command()
 @click.argument("model_dir", type=click.Path(file_okay=False))
 @click.option("--compare", "base_dir", type=click.Path(file_okay=False), help="Also answer with this base model.")
 @click.option("--prompts-file", type=click.Path(dir_okay=False), help="One prompt per line, or a jsonl data file.")

@@ -94,6 +94,8 @@ class DataConfig:
     truncate: bool = False
     num_proc: int | None = None
     seed: int = 42
+    # Where prepared data is cached (data/cache.py); default $SFTDIST_CACHE, else ~/.cache/sftdist/data.
+    cache_dir: str | None = None
 
 
 @dataclass

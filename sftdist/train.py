@@ -1,10 +1,12 @@
 """The training run, top to bottom: recipe -> data -> model -> trl's SFTTrainer -> saved model.
 
-Read this file first. Every step it calls has one job: `data.pipeline` (read, render, tokenize with
-loss masks), `model` (tokenizer, model, quantization, LoRA), `distributed` (what CPU/multi-process
+Read this file first. Every step it calls has one job: `data.pipeline` (the recipe's data read,
+rendered, tokenized with loss masks and packed once into a cache entry that every rank
+memory-maps), `model` (tokenizer, model, quantization, LoRA), `distributed` (what CPU/multi-process
 runs need, and the check that they are really distributed), `checkpoint` (output dir, resume,
-atomic checkpoints, preemption). trl does the packing (best-fit decreasing, padding-free, per-sample
-position_ids) and turns our completion masks into labels.
+atomic checkpoints, preemption). The rows arrive packed by trl's best-fit-decreasing packer with
+labels built, so trl's own preparation is skipped (`skip_prepare_dataset`) and its padding-free
+collator gives each packed sample its own position_ids.
 """
 
 from __future__ import annotations
@@ -72,8 +74,8 @@ def build_sft_config(recipe: Recipe) -> Any:
         "packing": recipe.data.packing,
         "packing_strategy": "bfd",
         "padding_free": recipe.data.packing,
-        "completion_only_loss": True,  # our completion_mask is all ones when data.loss_on is `all`
-        "dataset_num_proc": recipe.data.num_proc,
+        # The cache entry holds labels (-100 outside the loss) and packed rows: trl must not prepare again.
+        "dataset_kwargs": {"skip_prepare_dataset": True},
         "seed": recipe.train.get("seed", recipe.data.seed),
     }
     try:
@@ -84,23 +86,22 @@ def build_sft_config(recipe: Recipe) -> Any:
 
 def run_training(recipe: Recipe, resume: bool = True, overwrite: bool = False) -> Path:
     """Train the recipe in this process (one rank of a launch) and return the final model directory."""
-    from datasets import Dataset
     from trl import SFTTrainer
 
-    from sftdist.data.pipeline import prepare_data
+    from sftdist.data.pipeline import prepare
     from sftdist.model import load_model, load_tokenizer, lora_config
 
     args = build_sft_config(recipe)
     tokenizer = load_tokenizer(recipe)
-    data = prepare_data(recipe, tokenizer)
+    data = prepare(recipe, lambda: tokenizer)
     model = load_model(recipe, tokenizer)
     resume_from = checkpoint.prepare_output_dir(recipe, args, resume=resume, overwrite=overwrite)
 
     trainer = checkpoint.make_trainer_class(SFTTrainer, recipe.max_shard_size)(
         model=model,
         args=args,
-        train_dataset=Dataset.from_dict(data.train),
-        eval_dataset=Dataset.from_dict(data.eval) if data.eval else None,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
         processing_class=tokenizer,
         peft_config=lora_config(recipe) if recipe.method in ("lora", "qlora") else None,
     )
@@ -117,7 +118,7 @@ def run_training(recipe: Recipe, resume: bool = True, overwrite: bool = False) -
                   "checkpoint; run the same command again to resume", flush=True)
         raise SystemExit(checkpoint.EXIT_PREEMPTED)
     metrics = {**result.metrics, "wall_seconds": time.perf_counter() - start}
-    if data.eval:
+    if data.eval is not None:
         metrics.update(trainer.evaluate())
 
     final = Path(recipe.output_dir) / FINAL_DIR

@@ -56,8 +56,8 @@ def launch_args(recipe: Path, strategy: str) -> list[str]:
     return ["launch", str(recipe), "--strategy", strategy, *procs]
 
 
-def launch(recipe: Path, strategy: str) -> subprocess.CompletedProcess:
-    proc = run_cli(*launch_args(recipe, strategy))
+def launch(recipe: Path, strategy: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    proc = run_cli(*launch_args(recipe, strategy), env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
@@ -68,7 +68,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, data: Pa
     if key not in _runs:
         root = tmp_path_factory.mktemp(f"{method}-{strategy}")
         write_recipe(root / "recipe.yaml", tiny_model, data, method, 2 if strategy == "single" else 1, root / "run")
-        launch(root / "recipe.yaml", strategy)
+        # A data cache of its own, so that each launch builds its entry (test_cache reads the log).
+        proc = launch(root / "recipe.yaml", strategy, env={"SFTDIST_CACHE": str(root / "cache")})
+        (root / "launch.log").write_text(proc.stdout)
         _runs[key] = root / "run"
     return _runs[key]
 

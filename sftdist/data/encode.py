@@ -109,11 +109,36 @@ class Encoder:
             mask = [1] * len(ids)
         return ids, mask
 
-    def encode(self, examples: list[Example], where: str) -> Encoded:
-        """Encode a source's examples; over-long ones are dropped (or truncated when asked)."""
+    def _batch(self, texts: list[str]) -> list[list[int]]:
+        return self.tok(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+    def encode(self, examples: list[Example], where: str, labels: list[str] | None = None) -> Encoded:
+        """Encode one chunk of a source's examples; over-long ones are dropped (or truncated when asked).
+
+        Gap filled: trl tokenizes one row at a time inside `datasets.map`. Instruction and text rows
+        are tokenized here in two batched calls of the fast tokenizer (its Rust threads), which gives
+        the same ids as `encode_one`; chat rows go through the chat template one by one. `labels`
+        name each example's row in errors ("line 7"), so a message points into the file.
+        """
+        labels = labels or [f"example {i}" for i in range(1, len(examples) + 1)]
+        plain = [i for i, ex in enumerate(examples) if ex.kind != "chat"]
+        tails_at = [i for i in plain if examples[i].kind == "instruction"]
+        head_of = dict(zip(plain, self._batch([examples[i].text or examples[i].prompt for i in plain])))
+        tails = dict(zip(tails_at, self._batch([examples[i].completion for i in tails_at])))
         out = Encoded()
-        for i, ex in enumerate(examples, start=1):
-            ids, mask = self.encode_one(ex, f"{where} example {i}")
+        for i, ex in enumerate(examples):
+            if ex.kind == "chat":
+                ids, mask = self.encode_one(ex, f"{where} {labels[i]}")
+            else:
+                head = head_of[i] if self.bos_prefix and head_of[i][:1] == self.bos_prefix else self.bos_prefix + head_of[i]
+                if ex.kind == "text":
+                    ids = head + [self.eos]
+                    mask = [1] * len(ids)
+                else:
+                    tail = tails[i] + [self.eos]
+                    ids, mask = head + tail, [0] * len(head) + [1] * len(tail)
+                if self.loss_on == "all":
+                    mask = [1] * len(ids)
             if len(ids) > self.max_length:
                 if not self.truncate:
                     out.too_long += 1

@@ -50,6 +50,7 @@ class Rendered:
     format: str
     examples: list[Example]
     dropped: Counter = field(default_factory=Counter)
+    labels: list[str] = field(default_factory=list)  # the row label ("line 7") of each kept example
 
 
 def detect_format(columns: list[str], where: str) -> str:
@@ -133,7 +134,7 @@ def render_row(row: dict[str, Any], fmt: str, template: str, where: str) -> Exam
 
 
 def render_rows(rows: list[dict[str, Any]], labels: list[str], fmt: str, template: str, where: str) -> Rendered:
-    """Detect (if `auto`) and render every row of one source; `labels` name each row in errors."""
+    """Detect (if `auto`) and render rows of one source (a chunk of it); `labels` name each row in errors."""
     if fmt == "auto":
         fmt = detect_format(list(rows[0].keys()), where)
     rendered = Rendered(format=fmt, examples=[])
@@ -143,6 +144,5 @@ def render_rows(rows: list[dict[str, Any]], labels: list[str], fmt: str, templat
             rendered.dropped["empty response"] += 1
         else:
             rendered.examples.append(ex)
-    if not rendered.examples:
-        raise UserError(f"{where}: every one of its {len(rows)} rows has an empty response; nothing to train on")
+            rendered.labels.append(label)
     return rendered

@@ -1,35 +1,28 @@
-"""`sftdist data`: what training will see, per source and in total, before any GPU time is spent.
+"""`sftdist data` and `sftdist prepare`: what training will see, per source and in total, before any
+GPU time is spent.
 
-The figures come from the same pipeline as training (data/pipeline.py), and the packing figure from
-trl's own best-fit-decreasing packer, so the report cannot drift from the run.
+The figures come from the cache entry that training reads (data/pipeline.py builds it, trl's
+best-fit-decreasing packer packs it), so the report cannot drift from the run.
 """
 
 from __future__ import annotations
 
+import functools
 import random
-from collections import Counter
-from typing import Any
 
 import click
 
-from sftdist.data.pipeline import PreparedData, SourceReport, prepare_data
+from sftdist.data.pipeline import Prepared, SourceReport, prepare, sample_lengths
 from sftdist.recipe import Recipe
 
 
-def percentile(values: list[int], q: float) -> int:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))] if s else 0
-
-
 def packing_efficiency(lengths: list[int], max_length: int) -> tuple[float, int]:
-    """Real tokens / token slots after trl's BFD packing, and the number of packed rows."""
+    """Real tokens / token slots after trl's BFD packing, and the number of packed rows (for a recipe
+    with packing off, to show what it would buy)."""
     from datasets import Dataset
     from trl.data_utils import pack_dataset
 
-    if not lengths:
-        return 0.0, 0
-    ds = Dataset.from_dict({"input_ids": [[0] * n for n in lengths]})
-    packed = pack_dataset(ds, max_length, "bfd")
+    packed = pack_dataset(Dataset.from_dict({"input_ids": [[0] * n for n in lengths]}), max_length, "bfd")
     return sum(lengths) / (len(packed) * max_length), len(packed)
 
 
@@ -41,59 +34,57 @@ def padding_efficiency(lengths: list[int], batch_size: int, seed: int) -> float:
     return sum(order) / slots if slots else 0.0
 
 
-def _dropped(c: Counter) -> str:
-    return ", ".join(f"{n} {why}" for why, n in c.items()) or "none"
-
-
 def _source_lines(r: SourceReport) -> list[str]:
-    lines = [f"{r.role} source {r.where}", f"  format: {r.format}", f"  rows: {r.rows}, kept {r.kept}, dropped: {_dropped(r.dropped)}"]
-    if r.lengths:
-        lines.append(
-            "  tokens per sample: p50 {} p90 {} p99 {} max {}".format(
-                *(percentile(r.lengths, q) for q in (50, 90, 99, 100))
-            )
-        )
-        total = sum(r.lengths)
-        lines.append(f"  tokens: {total}, carrying loss: {r.loss_tokens} ({r.loss_tokens / total:.1%})")
+    dropped = ", ".join(f"{n} {why}" for why, n in r.dropped.items()) or "none"
+    lines = [f"{r.role} source {r.where}", f"  format: {r.format}", f"  rows: {r.rows}, kept {r.kept}, dropped: {dropped}"]
+    if r.kept:
+        p = r.percentiles
+        lines.append(f"  tokens per sample: p50 {p['p50']} p90 {p['p90']} p99 {p['p99']} max {p['max']}")
+        lines.append(f"  tokens: {r.tokens}, carrying loss: {r.loss_tokens} ({r.loss_tokens / r.tokens:.1%})")
     return lines
 
 
-def summarize(recipe: Recipe, data: PreparedData) -> list[str]:
+def summarize(recipe: Recipe, data: Prepared) -> list[str]:
+    rep = data.report
     lines: list[str] = []
-    for r in data.reports:
+    for r in rep.sources:
         lines += _source_lines(r)
-    lengths = [len(x) for x in data.train["input_ids"]]
-    loss_tokens = sum(sum(m) for m in data.train["completion_mask"])
+    lengths = sample_lengths(data.train).tolist()
     batch = int(recipe.train.get("per_device_train_batch_size", 8))
-    eff, rows = packing_efficiency(lengths, recipe.data.max_length)
     pad = padding_efficiency(lengths, batch, recipe.data.seed)
-    n_eval = len(data.eval["input_ids"]) if data.eval else 0
     lines += [
         "total",
-        f"  train samples: {len(lengths)} (after weights), eval samples: {n_eval}",
-        f"  train tokens: {sum(lengths)}, carrying loss: {loss_tokens} ({loss_tokens / max(1, sum(lengths)):.1%})",
-        f"  packing at max_length {recipe.data.max_length}: {rows} rows, efficiency {eff:.1%} (real tokens / slots)",
+        f"  train samples: {rep.train_samples} (after weights), eval samples: {rep.eval_samples}",
+        f"  train tokens: {rep.train_tokens}, carrying loss: {rep.train_loss_tokens} "
+        f"({rep.train_loss_tokens / max(1, rep.train_tokens):.1%})",
+    ]
+    if rep.packing:
+        rows, eff = rep.train_rows, rep.train_tokens / (rep.train_rows * rep.max_length)
+    else:
+        eff, rows = packing_efficiency(lengths, rep.max_length)
+    lines.append(f"  packing at max_length {rep.max_length}: {rows} rows, efficiency {eff:.1%} (real tokens / slots)")
+    lines += [
         f"  without packing, batch {batch} padded to its longest: efficiency {pad:.1%} ({1 - pad:.1%} padding)",
-        f"  packing is {'on' if recipe.data.packing else 'off'} in this recipe",
+        f"  packing is {'on' if rep.packing else 'off'} in this recipe",
+        f"  cache entry: {data.entry}",
     ]
     return lines
 
 
-def _load(recipe: Recipe) -> tuple[Any, PreparedData]:
+def load(recipe: Recipe, force: bool = False, progress: bool = True) -> Prepared:
+    """The recipe's prepared data; the tokenizer is loaded only if the entry must be built."""
     from sftdist.model import load_tokenizer
 
-    tokenizer = load_tokenizer(recipe)
-    return tokenizer, prepare_data(recipe, tokenizer)
+    return prepare(recipe, functools.cache(lambda: load_tokenizer(recipe)), force=force, progress=progress)
 
 
-def report_data(recipe: Recipe) -> None:
-    """Print the per-source and total report."""
-    _, data = _load(recipe)
-    click.echo("\n".join(summarize(recipe, data)))
+def report_data(recipe: Recipe, force: bool = False) -> None:
+    """Print the per-source and total report (building the cache entry if needed)."""
+    click.echo("\n".join(summarize(recipe, load(recipe, force))))
 
 
 def check_data(recipe: Recipe) -> None:
-    """Run every data check (tokenizer only, no model); exit 0 silently-but-one-line when all pass."""
-    _, data = _load(recipe)
-    kept = sum(r.kept for r in data.reports)
-    click.echo(f"ok: {len(data.reports)} sources, {kept} samples pass every check")
+    """Run every data check (tokenizer only, no model); exit 0 with one line when all pass."""
+    data = load(recipe, progress=False)
+    kept = sum(r.kept for r in data.report.sources)
+    click.echo(f"ok: {len(data.report.sources)} sources, {kept} samples pass every check")

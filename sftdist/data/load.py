@@ -1,9 +1,12 @@
-"""Read one data source into a list of rows, whatever its container.
+"""Read one data source as chunks of rows, whatever its container (step 1 of read -> render ->
+encode -> pack -> cache).
 
-jsonl/json are parsed here, line by line, rather than by `datasets`' json builder (gap filled: it
+A source is read in chunks of `CHUNK_ROWS` so that a source larger than memory never becomes one
+Python list: jsonl is streamed line by line, and parquet/csv/Arrow are memory-mapped by `datasets`
+and sliced. jsonl/json are parsed here rather than by `datasets`' json builder (gap filled: it
 reports a bad line or non-UTF-8 bytes as a pyarrow traceback without the line number, and it
-rejects rows whose types differ before we can say which row is wrong). parquet, csv, Arrow
-directories (`save_to_disk`) and hub ids go through `datasets`.
+rejects rows whose types differ before we can say which row is wrong). A `.json` file is one
+document, so it is parsed whole.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from sftdist.errors import UserError
 from sftdist.recipe import SourceConfig
@@ -27,8 +30,9 @@ class Rows:
     labels: list[str]
 
 
-def _read_jsonl(path: Path) -> Rows:
-    rows, labels = [], []
+def _iter_jsonl(path: Path, chunk_rows: int) -> Iterator[Rows]:
+    rows: list[dict[str, Any]] = []
+    labels: list[str] = []
     with path.open("rb") as f:
         for n, raw in enumerate(f, start=1):
             try:
@@ -45,7 +49,11 @@ def _read_jsonl(path: Path) -> Rows:
                 raise UserError(f"{path} line {n}: expected a JSON object, got {type(obj).__name__}")
             rows.append(obj)
             labels.append(f"line {n}")
-    return Rows(str(path), rows, labels)
+            if len(rows) == chunk_rows:
+                yield Rows(str(path), rows, labels)
+                rows, labels = [], []
+    if rows:
+        yield Rows(str(path), rows, labels)
 
 
 def _read_json(path: Path) -> Rows:
@@ -58,7 +66,7 @@ def _read_json(path: Path) -> Rows:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         if e.pos > 0 and text.lstrip().startswith("{") and "\n" in text.strip():
-            return _read_jsonl(path)  # a .json file holding JSON lines
+            return _merge(list(_iter_jsonl(path, 1 << 62)), str(path))  # a .json file holding JSON lines
         raise UserError(f"{path} line {e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
     if isinstance(obj, dict):  # {"data": [...]} or a single column-oriented mapping
         lists = [v for v in obj.values() if isinstance(v, list)]
@@ -74,7 +82,7 @@ def _read_json(path: Path) -> Rows:
     return Rows(str(path), obj, [f"row {i}" for i in range(1, len(obj) + 1)])
 
 
-def _read_with_datasets(src: SourceConfig, path: Path) -> Rows:
+def _iter_with_datasets(src: SourceConfig, path: Path, chunk_rows: int) -> Iterator[Rows]:
     import datasets
 
     try:
@@ -96,8 +104,11 @@ def _read_with_datasets(src: SourceConfig, path: Path) -> Rows:
     except (ValueError, ConnectionError, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{src.path}: could not be read as a dataset ({first})") from None
-    rows = ds.to_list()
-    return Rows(str(path if path.exists() else src.path), rows, [f"row {i}" for i in range(1, len(rows) + 1)])
+    where = str(path if path.exists() else src.path)
+    for start in range(0, len(ds), chunk_rows):
+        batch = ds[start : start + chunk_rows]  # columns of one slice of the memory-mapped table
+        rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+        yield Rows(where, rows, [f"row {i}" for i in range(start + 1, start + len(rows) + 1)])
 
 
 def _looks_like_hub_id(text: str) -> bool:
@@ -106,33 +117,54 @@ def _looks_like_hub_id(text: str) -> bool:
 
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow")
+CHUNK_ROWS = 10_000
 
 
-def read_source(src: SourceConfig) -> Rows:
-    """All rows of one source (after `limit`), or a one-line error naming the file."""
+def _merge(chunks: list[Rows], where: str) -> Rows:
+    return Rows(where, [r for c in chunks for r in c.rows], [label for c in chunks for label in c.labels])
+
+
+def _chunks(src: SourceConfig, chunk_rows: int) -> Iterator[Rows]:
     path = Path(src.path).expanduser()
     if path.is_file():
         if path.stat().st_size == 0:
             raise UserError(f"{path}: the file is empty")
         if path.suffix == ".jsonl":
-            rows = _read_jsonl(path)
+            yield from _iter_jsonl(path, chunk_rows)
         elif path.suffix == ".json":
-            rows = _read_json(path)
+            yield _read_json(path)
         elif path.suffix in SUFFIXES:
-            rows = _read_with_datasets(src, path)
+            yield from _iter_with_datasets(src, path, chunk_rows)
         else:
             raise UserError(f"{path}: unknown data file type '{path.suffix}'; expected one of {', '.join(SUFFIXES)}")
-    elif path.is_dir():
-        rows = _read_with_datasets(src, path)
-    elif _looks_like_hub_id(src.path):
-        rows = _read_with_datasets(src, path)
+    elif path.is_dir() or _looks_like_hub_id(src.path):
+        yield from _iter_with_datasets(src, path, chunk_rows)
     else:
         raise UserError(f"{src.path}: data path does not exist")
-    if not rows.rows:
-        raise UserError(f"{rows.where}: no rows (the file holds no data)")
-    if src.limit is not None:
-        rows.rows, rows.labels = rows.rows[: src.limit], rows.labels[: src.limit]
-    return rows
+
+
+def iter_source(src: SourceConfig, chunk_rows: int | None = None) -> Iterator[Rows]:
+    """The rows of one source (after `limit`) in chunks of at most `chunk_rows` (default
+    `CHUNK_ROWS`), or a one-line error naming the file; a source without rows is an error."""
+    left = src.limit
+    seen = False
+    for chunk in _chunks(src, chunk_rows or CHUNK_ROWS):
+        if left is not None:
+            chunk.rows, chunk.labels = chunk.rows[:left], chunk.labels[:left]
+            left -= len(chunk.rows)
+        if chunk.rows:
+            seen = True
+            yield chunk
+        if left is not None and left <= 0:
+            break
+    if not seen:
+        raise UserError(f"{Path(src.path).expanduser()}: no rows (the file holds no data)")
+
+
+def read_source(src: SourceConfig) -> Rows:
+    """All rows of one source at once: for small inputs (prompt files, `--show`), not for training data."""
+    chunks = list(iter_source(src))
+    return _merge(chunks, chunks[0].where)
 
 
 def apply_weight(items: list[Any], weight: float, seed: int) -> list[Any]:

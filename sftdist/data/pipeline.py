@@ -1,90 +1,74 @@
-"""Recipe `data:` -> tokenized train/eval rows plus a per-source report.
+"""Recipe `data:` -> the rows every rank trains on, built into one directory, plus a report.
 
-One path serves `sftdist train`, `sftdist data` and `sftdist data --check`, so what the report says
-is what training sees: read -> render -> encode -> weight -> split.
+The data path is one step per module: `load` (a source's rows, in chunks) -> `formats` (detect
+and render) -> `encode` (token ids + loss mask, batched) -> here (weights, eval split, labels) ->
+`pack` (best-fit decreasing, once) -> `cache` (fingerprinted entry, built once per job,
+memory-mapped by every rank). `sftdist prepare`, `train`, `data` and `data --check` all go through
+`build`, so what the report says is what training sees.
+
+No step holds the data set as Python objects: each chunk of rows is encoded and appended to an
+Arrow file at once, and mixing, splitting and packing work on Arrow tables and index arrays.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import random
+import time
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
 
 import click
 
-from sftdist.data.encode import Encoder, stop_token_ids
-from sftdist.data.formats import CHAT_FORMATS, render_rows
-from sftdist.data.load import apply_weight, read_source
+from sftdist.data.encode import Encoded, Encoder, stop_token_ids
+from sftdist.data.formats import CHAT_FORMATS, detect_format, render_rows
+from sftdist.data.load import iter_source
 from sftdist.errors import UserError
 from sftdist.recipe import Recipe, SourceConfig
+
+REPORT_FILE = "report.json"
+TRAIN_FILE = "train.arrow"
+EVAL_FILE = "eval.arrow"
 
 
 @dataclass
 class SourceReport:
-    """What happened to one source's rows."""
+    """What happened to one source's rows (kept in the cache entry's report.json)."""
 
     where: str
     role: str  # "train" | "eval"
     format: str
-    rows: int
-    dropped: Counter
-    lengths: list[int] = field(default_factory=list)
+    rows: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    kept: int = 0
+    tokens: int = 0
     loss_tokens: int = 0
-
-    @property
-    def kept(self) -> int:
-        return len(self.lengths)
+    percentiles: dict[str, int] = field(default_factory=dict)  # p50 p90 p99 max of tokens per sample
 
 
 @dataclass
-class PreparedData:
-    """Tokenized rows (`input_ids`, `completion_mask`) ready for `datasets.Dataset.from_dict`."""
+class DataReport:
+    """The whole data set as training sees it."""
 
-    train: dict[str, list[list[int]]]
-    eval: dict[str, list[list[int]]] | None
-    reports: list[SourceReport]
+    sources: list[SourceReport]
+    train_samples: int
+    eval_samples: int
+    train_tokens: int
+    train_loss_tokens: int
+    packing: bool
+    max_length: int
+    train_rows: int  # rows the trainer iterates over: packed rows, or samples without packing
 
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
 
-def _warn_dropped(report: SourceReport) -> None:
-    """One stderr line per source with the counts (never one per row), from rank 0 only."""
-    if not report.dropped or os.environ.get("RANK", "0") != "0":
-        return
-    dropped = sum(n for why, n in report.dropped.items() if not why.endswith("(kept)"))
-    reasons = ", ".join(f"{n} {why}" for why, n in report.dropped.items())
-    click.echo(f"warning: dropped {dropped} of {report.rows} rows of {report.where}: {reasons}", err=True)
-
-
-def _encode_source(
-    src: SourceConfig, role: str, recipe: Recipe, encoder: Encoder, tokenizer: Any
-) -> tuple[SourceReport, list[tuple[list[int], list[int]]]]:
-    rows = read_source(src)
-    rendered = render_rows(rows.rows, rows.labels, src.format, recipe.data.template, rows.where)
-    report = SourceReport(rows.where, role, rendered.format, len(rows.rows), rendered.dropped)
-    if rendered.format in CHAT_FORMATS and not tokenizer.chat_template:
-        raise UserError(
-            f"{rows.where}: format '{rendered.format}' needs a chat template, and the tokenizer of "
-            f"{recipe.model.name_or_path} has none; set data.chat_template (e.g. chatml)"
-        )
-    enc = encoder.encode(rendered.examples, rows.where)
-    if enc.too_long:
-        report.dropped[f"longer than max_length {recipe.data.max_length}"] += enc.too_long
-    if enc.truncated:
-        report.dropped[f"truncated to max_length {recipe.data.max_length} (kept)"] += enc.truncated
-    if not enc.input_ids:
-        raise UserError(
-            f"{rows.where}: all {len(rendered.examples)} samples are longer than data.max_length="
-            f"{recipe.data.max_length}; raise max_length or set data.truncate: true"
-        )
-    _warn_dropped(report)
-    report.lengths = [len(x) for x in enc.input_ids]
-    report.loss_tokens = sum(sum(m) for m in enc.completion_mask)
-    return report, list(zip(enc.input_ids, enc.completion_mask))
-
-
-def _columns(pairs: list[tuple[list[int], list[int]]]) -> dict[str, list[list[int]]]:
-    return {"input_ids": [p[0] for p in pairs], "completion_mask": [p[1] for p in pairs]}
+    @classmethod
+    def from_json(cls, text: str) -> DataReport:
+        raw = json.loads(text)
+        raw["sources"] = [SourceReport(**s) for s in raw["sources"]]
+        return cls(**raw)
 
 
 def make_encoder(recipe: Recipe, tokenizer: Any, generation_config: Any = None) -> Encoder:
@@ -92,28 +76,243 @@ def make_encoder(recipe: Recipe, tokenizer: Any, generation_config: Any = None) 
     return Encoder(tokenizer, d.max_length, d.loss_on, d.truncate, stop_token_ids(tokenizer, generation_config))
 
 
-def prepare_data(recipe: Recipe, tokenizer: Any, generation_config: Any = None) -> PreparedData:
-    """Read, check, render and encode every source (the tokenizer is needed: lengths are in tokens)."""
-    encoder = make_encoder(recipe, tokenizer, generation_config)
+def _warn_dropped(report: SourceReport) -> None:
+    """One stderr line per source with the counts (never one per row)."""
+    if not report.dropped:
+        return
+    dropped = sum(n for why, n in report.dropped.items() if not why.endswith("(kept)"))
+    reasons = ", ".join(f"{n} {why}" for why, n in report.dropped.items())
+    click.echo(f"warning: dropped {dropped} of {report.rows} rows of {report.where}: {reasons}", err=True)
+
+
+def _table(enc: Encoded) -> Any:
+    """input_ids + labels (-100 where no loss) as an Arrow table, built from flat numpy arrays."""
+    import itertools
+
+    import numpy as np
+    import pyarrow as pa
+
+    lengths = np.fromiter((len(x) for x in enc.input_ids), dtype=np.int64, count=len(enc.input_ids))
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    total = int(lengths.sum())
+    ids = np.fromiter(itertools.chain.from_iterable(enc.input_ids), dtype=np.int32, count=total)
+    mask = np.fromiter(itertools.chain.from_iterable(enc.completion_mask), dtype=np.int8, count=total)
+    labels = np.where(mask == 1, ids, -100).astype(np.int32)
+    return pa.table(
+        {
+            "input_ids": pa.ListArray.from_arrays(offsets, pa.array(ids)),
+            "labels": pa.ListArray.from_arrays(offsets, pa.array(labels)),
+        }
+    )
+
+
+def _percentiles(lengths: Any) -> dict[str, int]:
+    import numpy as np
+
+    if not len(lengths):
+        return {}
+    return {f"p{q}" if q < 100 else "max": int(np.percentile(lengths, q, method="nearest")) for q in (50, 90, 99, 100)}
+
+
+def _encode_source(
+    src: SourceConfig, role: str, recipe: Recipe, encoder: Encoder, tokenizer: Any, out_file: Path, progress: bool
+) -> SourceReport:
+    """Stream one source through render + encode into an Arrow file; return its report."""
+    import numpy as np
+    import pyarrow as pa
+
+    report: SourceReport | None = None
+    dropped: Counter = Counter()
+    lengths: list[Any] = []
+    start, writer = time.perf_counter(), None
+    try:
+        for chunk in iter_source(src):
+            if report is None:
+                fmt = detect_format(list(chunk.rows[0].keys()), chunk.where) if src.format == "auto" else src.format
+                report = SourceReport(chunk.where, role, fmt)
+                if fmt in CHAT_FORMATS and not tokenizer.chat_template:
+                    raise UserError(
+                        f"{chunk.where}: format '{fmt}' needs a chat template, and the tokenizer of "
+                        f"{recipe.model.name_or_path} has none; set data.chat_template (e.g. chatml)"
+                    )
+            rendered = render_rows(chunk.rows, chunk.labels, report.format, recipe.data.template, chunk.where)
+            dropped.update(rendered.dropped)
+            enc = encoder.encode(rendered.examples, chunk.where, rendered.labels)
+            report.rows += len(chunk.rows)
+            dropped[f"longer than max_length {recipe.data.max_length}"] += enc.too_long
+            dropped[f"truncated to max_length {recipe.data.max_length} (kept)"] += enc.truncated
+            if enc.input_ids:
+                table = _table(enc)
+                if writer is None:
+                    writer = pa.ipc.new_stream(str(out_file), table.schema)
+                writer.write_table(table)
+                lengths.append(np.fromiter(map(len, enc.input_ids), dtype=np.int64))
+                report.loss_tokens += int(sum(sum(m) for m in enc.completion_mask))
+            rate = report.rows / max(time.perf_counter() - start, 1e-9)
+            if progress:
+                click.echo(f"sftdist: {report.where}: {report.rows} rows read ({rate:,.0f} rows/s)")
+    finally:
+        if writer is not None:
+            writer.close()
+    assert report is not None  # iter_source raises on a source without rows
+    report.dropped = {why: n for why, n in dropped.items() if n}
+    all_lengths = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
+    report.kept, report.tokens = len(all_lengths), int(all_lengths.sum())
+    report.percentiles = _percentiles(all_lengths)
+    if not report.kept:
+        if dropped["empty response"] == report.rows:
+            raise UserError(f"{report.where}: every one of its {report.rows} rows has an empty response; nothing to train on")
+        raise UserError(
+            f"{report.where}: all {report.rows - dropped['empty response']} samples are longer than data.max_length="
+            f"{recipe.data.max_length}; raise max_length or set data.truncate: true"
+        )
+    return report
+
+
+def weighted_indices(n: int, weight: float, seed: int) -> Any:
+    """Mix by weight: 0.5 keeps a random half of a source's n samples, 2.0 repeats them twice, 1.5
+    once and a half (an index array, so that no sample is copied before it is written)."""
+    import numpy as np
+
+    whole, frac = int(weight), weight - int(weight)
+    parts = [np.arange(n)] * whole
+    if frac > 0:
+        parts.append(np.sort(np.random.default_rng(seed).choice(n, size=round(frac * n), replace=False)))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def build(recipe: Recipe, tokenizer: Any, out: Path, progress: bool = True) -> DataReport:
+    """Read, render, encode, mix, split and pack the recipe's data into `out` (a new directory).
+
+    Samples are shuffled with `data.seed` before packing (as trl does), so sources mix within each
+    packing batch and the result does not depend on the number of processes that will read it.
+    """
+    import numpy as np
+    from datasets import Dataset, concatenate_datasets
+
+    from sftdist.data.pack import pack, write_rows
+
+    d = recipe.data
+    encoder = make_encoder(recipe, tokenizer)
     reports: list[SourceReport] = []
-    train: list[tuple[list[int], list[int]]] = []
-    for i, src in enumerate(recipe.data.train):
-        report, pairs = _encode_source(src, "train", recipe, encoder, tokenizer)
-        reports.append(report)
-        train += apply_weight(pairs, src.weight, recipe.data.seed + i)
-    evals: list[tuple[list[int], list[int]]] = []
-    for src in recipe.data.eval:
-        report, pairs = _encode_source(src, "eval", recipe, encoder, tokenizer)
-        reports.append(report)
-        evals += pairs
-    if recipe.data.eval_fraction > 0:
-        rng = random.Random(recipe.data.seed)
-        rng.shuffle(train)
-        n_eval = max(1, round(len(train) * recipe.data.eval_fraction))
-        if n_eval >= len(train):
+    parts: dict[str, list[tuple[Any, Any]]] = {"train": [], "eval": []}  # (dataset, indices)
+    for role, sources in (("train", d.train), ("eval", d.eval)):
+        for i, src in enumerate(sources):
+            file = out / f"source-{role}-{i}.arrow"
+            report = _encode_source(src, role, recipe, encoder, tokenizer, file, progress)
+            reports.append(report)
+            ds = Dataset.from_file(str(file))
+            if role == "train":
+                idx = weighted_indices(len(ds), src.weight, d.seed + i)
+                if not len(idx):
+                    raise UserError(
+                        f"{recipe.source}: data.train[{i}].weight {src.weight} keeps none of the {len(ds)} samples "
+                        f"of {report.where}; raise the weight"
+                    )
+            else:
+                idx = np.arange(len(ds))
+            parts[role].append((ds, idx))
+
+    def join(role: str) -> tuple[Any, Any]:
+        offsets = np.cumsum([0] + [len(ds) for ds, _ in parts[role]])
+        return (
+            concatenate_datasets([ds for ds, _ in parts[role]]),
+            np.concatenate([idx + off for (_, idx), off in zip(parts[role], offsets)]),
+        )
+
+    train_ds, train_idx = join("train")
+    train_idx = train_idx[np.random.default_rng(d.seed).permutation(len(train_idx))]
+    eval_ds, eval_idx = join("eval") if parts["eval"] else (None, np.zeros(0, dtype=np.int64))
+    if d.eval_fraction > 0:
+        n_eval = max(1, round(len(train_idx) * d.eval_fraction))
+        if n_eval >= len(train_idx):
             raise UserError(
-                f"{recipe.source}: data.eval_fraction={recipe.data.eval_fraction} of {len(train)} samples "
+                f"{recipe.source}: data.eval_fraction={d.eval_fraction} of {len(train_idx)} samples "
                 "leaves no training rows; lower it or add data"
             )
-        evals, train = evals + train[:n_eval], train[n_eval:]
-    return PreparedData(_columns(train), _columns(evals) if evals else None, reports)
+        split_off = train_idx[:n_eval]
+        train_idx = train_idx[n_eval:]
+        if eval_ds is None:
+            eval_ds, eval_idx = train_ds, split_off
+        else:  # eval sources first, then the split-off training samples
+            eval_idx = np.concatenate([eval_idx, split_off + len(eval_ds)])
+            eval_ds = concatenate_datasets([eval_ds, train_ds])
+
+    write = (lambda ds, f: pack(ds, d.max_length, f)) if d.packing else write_rows
+    train = write(train_ds.select(train_idx), out / TRAIN_FILE)
+    if eval_ds is not None:
+        write(eval_ds.select(eval_idx), out / EVAL_FILE)
+    for f in out.glob("source-*.arrow"):
+        f.unlink()
+    lengths = sample_lengths(train)
+    loss_tokens = int(_count_loss(train))
+    report = DataReport(
+        sources=reports,
+        train_samples=len(lengths),
+        eval_samples=len(eval_idx),
+        train_tokens=int(lengths.sum()),
+        train_loss_tokens=loss_tokens,
+        packing=d.packing,
+        max_length=d.max_length,
+        train_rows=len(train),
+    )
+    (out / REPORT_FILE).write_text(report.to_json(), encoding="utf-8")
+    return report
+
+
+def sample_lengths(ds: Any) -> Any:
+    """Tokens per training sample, read from the Arrow columns (packed rows keep them in seq_lengths)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    table = ds.data.table if hasattr(ds.data, "table") else ds.data
+    if "seq_lengths" in ds.column_names:
+        return np.asarray(pc.list_flatten(table.column("seq_lengths")).to_numpy(zero_copy_only=False), dtype=np.int64)
+    return np.asarray(pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False), dtype=np.int64)
+
+
+def _count_loss(ds: Any) -> int:
+    import pyarrow.compute as pc
+
+    table = ds.data.table if hasattr(ds.data, "table") else ds.data
+    flat = pc.list_flatten(table.column("labels"))
+    return int(pc.sum(pc.not_equal(flat, -100)).as_py() or 0)
+
+
+@dataclass
+class Prepared:
+    """The cache entry's rows, memory-mapped (`datasets.Dataset`), and its report."""
+
+    train: Any
+    eval: Any | None
+    report: DataReport
+    entry: Path
+    how: str  # "built" | "hit" | "waited"
+
+
+def prepare(recipe: Recipe, load_tokenizer: Callable[[], Any], force: bool = False, progress: bool = True) -> Prepared:
+    """The recipe's prepared data: from the cache, or built into it first (see data/cache.py)."""
+    from datasets import Dataset
+
+    from sftdist.data.cache import ensure_entry
+
+    rank = os.environ.get("RANK")
+    who = f"rank {rank} " if rank is not None else ""
+    start = time.perf_counter()
+
+    def build_into(tmp: Path) -> None:
+        if progress:
+            click.echo(f"sftdist: {who}building the data cache ({tmp.parent})")
+        build(recipe, load_tokenizer(), tmp, progress)
+
+    found = ensure_entry(recipe, load_tokenizer, build_into, force=force)
+    took = f" in {time.perf_counter() - start:.1f} s" if found.how == "built" else ""
+    if progress:
+        click.echo(f"sftdist: {who}data cache {found.how}{took}: {found.path}")
+    report = DataReport.from_json((found.path / REPORT_FILE).read_text(encoding="utf-8"))
+    if os.environ.get("RANK", "0") == "0":
+        for source in report.sources:
+            _warn_dropped(source)
+    train = Dataset.from_file(str(found.path / TRAIN_FILE))
+    evals = Dataset.from_file(str(found.path / EVAL_FILE)) if (found.path / EVAL_FILE).is_file() else None
+    return Prepared(train, evals, report, found.path, found.how)

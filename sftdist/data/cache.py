@@ -1,0 +1,236 @@
+"""The prepared data on disk: one entry per fingerprint, built once, memory-mapped by every rank
+(step 5 of read -> render -> encode -> pack -> cache).
+
+Gap filled: trl prepares the data inside `SFTTrainer.__init__`, in every rank, on every start and
+after every requeue, and keeps it in each rank's memory; ranks that wait on a collective meanwhile
+time out. Here the entry is keyed by everything that changes the tokens (`fingerprint`), so the
+same inputs give the same entry and any change gives a new one.
+
+Who builds: local rank 0 of each node, under an exclusive `fcntl` lock on `<entry>.lock` in the
+cache directory. On a node-local cache each node builds its own entry; on a shared file system the
+first node to take the lock builds and the others find the entry complete when they get the lock.
+The other ranks never build: they poll for the finished entry (files, not a collective, so no
+timeout while a large mixture is tokenized) and then memory-map it.
+
+An entry is built in a hidden temporary directory and made visible by one `rename`, so a build
+killed midway leaves nothing that looks complete; its manifest (file names and sizes) is checked
+on every read, and an entry that fails the check is rebuilt with a warning, never used.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from sftdist.errors import UserError
+from sftdist.recipe import Recipe
+
+# Bump when the encoding, packing or report code changes what an entry holds.
+ENCODING_VERSION = 1
+MANIFEST = "manifest.json"
+CACHE_ENV = "SFTDIST_CACHE"
+# Tokenizer files that decide the tokens (and the generation config's EOS ids, which the encoder checks).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+# `data:` keys that change no token: they are left out of the fingerprint.
+NOT_FINGERPRINTED = ("num_proc", "cache_dir")
+
+
+@dataclass
+class Entry:
+    """A complete, verified cache entry and how this process came to have it."""
+
+    path: Path
+    how: str  # "built" | "hit" | "waited"
+
+
+def cache_root(recipe: Recipe) -> Path:
+    """`data.cache_dir`, else $SFTDIST_CACHE, else the user's cache directory."""
+    if recipe.data.cache_dir:
+        return Path(recipe.data.cache_dir).expanduser()
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "sftdist" / "data"
+
+
+def _hash_file(h: Any, path: Path) -> None:
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+
+
+def _source_identity(path: str) -> Any:
+    """A local file or directory by path, size and mtime of every file; anything else (a hub id) by name."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        st = p.stat()
+        return {"file": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file())
+        return {"dir": str(p.resolve()), "files": [[str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
+    return {"hub": path}
+
+
+def _tokenizer_identity(recipe: Recipe, load_tokenizer: Callable[[], Any]) -> str:
+    """A hash of the tokenizer's files for a local model (no transformers import on a cache hit);
+    for a hub id, of the loaded tokenizer's serialisation."""
+    h = hashlib.sha256()
+    model = Path(recipe.model.name_or_path).expanduser()
+    if model.is_dir():
+        for name in TOKENIZER_FILES:
+            if (model / name).is_file():
+                h.update(name.encode())
+                _hash_file(h, model / name)
+    else:
+        tok = load_tokenizer()
+        h.update(tok.backend_tokenizer.to_str().encode())
+        h.update(str(tok.special_tokens_map).encode())
+    ct = recipe.data.chat_template
+    if ct and ct.endswith(".jinja") and Path(ct).is_file():
+        _hash_file(h, Path(ct))
+    return h.hexdigest()
+
+
+def fingerprint_inputs(recipe: Recipe, load_tokenizer: Callable[[], Any]) -> dict[str, Any]:
+    """Everything that changes the prepared tokens, as a JSON-able mapping."""
+    from sftdist.model import PAD_TOKEN
+
+    data = {k: v for k, v in recipe.to_dict()["data"].items() if k not in NOT_FINGERPRINTED}
+    for role in ("train", "eval"):
+        for src in data[role]:
+            src["identity"] = _source_identity(src["path"])
+    return {
+        "version": ENCODING_VERSION,
+        "data": data,
+        "tokenizer": _tokenizer_identity(recipe, load_tokenizer),
+        "pad_token": PAD_TOKEN,
+    }
+
+
+def digest(inputs: dict[str, Any]) -> str:
+    """The entry's name: a hash of its fingerprint inputs."""
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def verify(entry: Path) -> bool:
+    """True if `entry` holds every file its manifest lists, at the listed size."""
+    try:
+        manifest = json.loads((entry / MANIFEST).read_text(encoding="utf-8"))
+        return all((entry / name).stat().st_size == size for name, size in manifest["files"].items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _write_manifest(tmp: Path, inputs: dict[str, Any]) -> None:
+    files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir()) if f.is_file()}
+    (tmp / MANIFEST).write_text(json.dumps({"files": files, "inputs": inputs}, indent=2, default=str), encoding="utf-8")
+
+
+# The errors that mean "this cache directory cannot take the entry" rather than a bug.
+NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT)
+
+
+def _not_writable_errno(e: OSError) -> int | None:
+    """e.errno, or the errno that pyarrow's write errors carry only in their text ("[errno 28] ...")."""
+    m = re.search(r"\[errno (\d+)\]", str(e))
+    code = e.errno or (int(m.group(1)) if m else None)
+    return code if code in NOT_WRITABLE else None
+
+
+def _unwritable(root: Path, code: int) -> UserError:
+    return UserError(
+        f"{root}: cannot write the data cache ({os.strerror(code)}); set data.cache_dir or ${CACHE_ENV} to a "
+        "writable directory with free space, or run `sftdist prepare` where it is writable"
+    )
+
+
+def _build(recipe: Recipe, entry: Path, inputs: dict[str, Any], build: Callable[[Path], None]) -> None:
+    """Build into a hidden sibling directory and rename it into place; remove it on any failure."""
+    tmp = entry.with_name(f".{entry.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    for stale in entry.parent.glob(f".{entry.name}.tmp-*"):  # left by a killed build (we hold the lock)
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        build(tmp)
+        _write_manifest(tmp, inputs)
+        if entry.exists():  # a corrupt entry, or --force
+            shutil.rmtree(entry)
+        os.rename(tmp, entry)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        code = _not_writable_errno(e)
+        if code is not None:
+            raise _unwritable(entry.parent, code) from None
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def ensure_entry(
+    recipe: Recipe, load_tokenizer: Callable[[], Any], build: Callable[[Path], None], force: bool = False
+) -> Entry:
+    """The verified entry for `recipe`'s data: found, built here (local rank 0), or waited for."""
+    import fcntl
+
+    root = cache_root(recipe)
+    inputs = fingerprint_inputs(recipe, load_tokenizer)
+    fp = digest(inputs)
+    entry = root / fp
+    if not force and verify(entry):
+        return Entry(entry, "hit")
+    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        return Entry(_wait_for(entry), "waited")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        lock = open(root / f"{fp}.lock", "a")
+    except OSError as e:
+        code = _not_writable_errno(e)
+        if code is None:
+            raise
+        raise _unwritable(root, code) from None
+    with lock:
+        fcntl.lockf(lock, fcntl.LOCK_EX)  # released when the process ends, however it ends
+        if not force and verify(entry):
+            return Entry(entry, "hit")  # another node built it while we waited for the lock
+        if entry.exists():
+            if not force:
+                click.echo(f"warning: data cache entry {entry} is incomplete or corrupt; rebuilding it", err=True)
+        _build(recipe, entry, inputs, build)
+    return Entry(entry, "built")
+
+
+def _wait_for(entry: Path) -> Path:
+    """Poll for the entry that local rank 0 builds, saying what this rank waits for."""
+    rank = os.environ.get("RANK", "?")
+    click.echo(f"sftdist: rank {rank} waiting for the data cache {entry} (local rank 0 builds it)")
+    start = last = time.monotonic()
+    while not verify(entry):
+        time.sleep(0.5)
+        if time.monotonic() - last > 60:
+            last = time.monotonic()
+            click.echo(f"sftdist: rank {rank} still waiting for {entry} ({time.monotonic() - start:.0f} s)")
+    return entry
