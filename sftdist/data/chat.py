@@ -116,6 +116,11 @@ def encode_chat(tokenizer: Any, ex: Example, stop_ids: set[int], where: str) -> 
     """Token ids of a conversation and its mask: 1 on the tokens of assistant turns that carry loss."""
     from jinja2 import TemplateError
 
+    if not tokenizer.chat_template:
+        raise UserError(
+            f"{where}: chat rows need a chat template, and the tokenizer of {tokenizer.name_or_path} has none; "
+            "set data.chat_template (e.g. chatml)"
+        )
     tpl, name = mask_template(tokenizer)
     try:
         full = _render(tokenizer, ex, len(ex.messages), tpl)
