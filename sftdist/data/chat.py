@@ -122,6 +122,7 @@ def encode_chat(tokenizer: Any, ex: Example, stop_ids: set[int], where: str) -> 
             "set data.chat_template (e.g. chatml)"
         )
     tpl, name = mask_template(tokenizer)
+    loss = ex.loss or [m["role"] == "assistant" for m in ex.messages]  # default: every assistant turn
     try:
         full = _render(tokenizer, ex, len(ex.messages), tpl)
         if ex.tools or any(m.get("tool_calls") or m["role"] == "tool" for m in ex.messages):
@@ -135,7 +136,7 @@ def encode_chat(tokenizer: Any, ex: Example, stop_ids: set[int], where: str) -> 
             excluded = [
                 _turn_span(tokenizer, ex, i, tpl, full, name, where, whole=True)
                 for i, m in enumerate(ex.messages)
-                if m["role"] == "assistant" and not ex.loss[i]
+                if m["role"] == "assistant" and not loss[i]
             ]
             mask = [0 if any(s <= a < e for s, e in excluded) else k for k, (a, _) in zip(mask, offsets)]
         else:
@@ -144,7 +145,7 @@ def encode_chat(tokenizer: Any, ex: Example, stop_ids: set[int], where: str) -> 
             spans = [
                 _turn_span(tokenizer, ex, i, tpl, full, name, where)
                 for i, m in enumerate(ex.messages)
-                if m["role"] == "assistant" and ex.loss[i]
+                if m["role"] == "assistant" and loss[i]
             ]
             mask = [1 if any(s <= a < e for s, e in spans) else 0 for a, _ in enc["offset_mapping"]]
     except TemplateError as e:
