@@ -194,6 +194,13 @@ def test_per_turn_loss_refusals(turn, message):
 
 
 # --- reasoning under trl's training templates; a template that is not prefix-stable ------------------
+def test_tiny_template_renders_reasoning_inside_the_loss(tok):
+    assert marked(tok, REASONING) == (
+        "<s><|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n[[<think>\nadd them\n</think>\n4</s>]]\n"
+        "<|im_start|>user\n3+3?<|im_end|>\n<|im_start|>assistant\n[[<think>\nadd again\n</think>\n6</s>]]\n"
+    )
+
+
 def test_qwen3_reasoning_turns_use_trl_training_template(qwen3):
     from sftdist.data.chat import mask_template
 
@@ -305,6 +312,11 @@ def write_recipe(d: Path, model: Path, sources: list[dict], method: str) -> Path
     path = d / "recipe.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
+
+
+def test_loss_marking_on_a_terminal_is_colour(tok):
+    ids = tok("a b", add_special_tokens=False)["input_ids"]
+    assert mark_loss(tok, ids, [0] + [1] * (len(ids) - 1), colour=True) == "a\x1b[32m\x1b[1m b\x1b[0m"
 
 
 def test_show_prints_samples_with_loss_marked(tmp_path, tiny_model, chat_sources):

@@ -79,7 +79,6 @@ class Rendered:
     format: str
     examples: list[Example]
     dropped: Counter = field(default_factory=Counter)
-    ignored: list[str] = field(default_factory=list)
 
 
 def detect_format(columns: list[str], where: str) -> str:
@@ -371,7 +370,7 @@ def render_rows(
     ignored = sorted({c for r in rows for c in r} - used)
     if warn and ignored:
         _warn_ignored(where, ignored)
-    rendered = Rendered(format=fmt, examples=[], dropped=dropped, ignored=ignored)
+    rendered = Rendered(format=fmt, examples=[], dropped=dropped)
     for row, label in zip(rows, labels):
         ex = render_row(row, fmt, template, f"{where} {label}")
         if ex is None:
