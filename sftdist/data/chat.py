@@ -26,8 +26,8 @@ from sftdist.errors import UserError
 CHAT_TEMPLATE_CHOICES = ("auto", *CHAT_TEMPLATES)
 FIX = "set data.chat_template to one that does (a model family such as qwen2_5, or a .jinja file)"
 
-# tokenizer chat template -> (template whose markers give the mask, or None for prefix rendering; its name)
-_PLANS: dict[str, tuple[str | None, str]] = {}
+# (tokenizer, chat template) -> (template whose markers give the mask, or None for prefix rendering; its name)
+_PLANS: dict[tuple[str, str], tuple[str | None, str]] = {}
 
 
 def set_chat_template(tokenizer: Any, setting: str | None, where: str) -> None:
@@ -59,8 +59,9 @@ def mask_template(tokenizer: Any) -> tuple[str | None, str]:
     from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
     tpl = _template(tokenizer)
-    if tpl in _PLANS:
-        return _PLANS[tpl]
+    key = (tokenizer.name_or_path, tpl)
+    if key in _PLANS:
+        return _PLANS[key]
     own = f"the chat template of {tokenizer.name_or_path or 'the tokenizer'}"
     if has_generation_markers(tpl):
         plan: tuple[str | None, str] = (tpl, own)
@@ -71,7 +72,7 @@ def mask_template(tokenizer: Any) -> tuple[str | None, str]:
             training = None  # not a family trl knows: prefix rendering
         family = next((f for f in training_families() if training and training_template(f) == training), None)
         plan = (training, f"trl's {family} training template") if training else (None, own)
-    _PLANS[tpl] = plan
+    _PLANS[key] = plan
     return plan
 
 
