@@ -130,7 +130,7 @@ def _content(value: Any, where: str) -> str:
         for k, part in enumerate(value):
             kind = part.get("type") if isinstance(part, dict) else None
             if kind in MEDIA_PARTS:
-                raise UserError(f"{where} content[{k}] is an {kind} part; {TEXT_ONLY}, so remove media from this data")
+                raise UserError(f"{where} content[{k}] is a media part ({kind}); {TEXT_ONLY}, so remove media from this data")
             if kind != "text" or not isinstance(part.get("text"), str):
                 raise UserError(f"{where} content[{k}] is {part!r}; expected a part {{type: text, text: ...}}")
             texts.append(part["text"])
