@@ -94,13 +94,18 @@ def launch(
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--check", is_flag=True, help="Run every data check without loading the model; print nothing else.")
-def data(recipe: str, overrides: tuple[str, ...], check: bool) -> None:
+@click.option("--show", type=click.IntRange(min=1), metavar="N", help="Print N rendered samples per source, loss tokens marked.")
+def data(recipe: str, overrides: tuple[str, ...], check: bool, show: int | None) -> None:
     """Report formats, kept/dropped rows, token lengths and packing efficiency for RECIPE's data."""
     from sftdist.data.inspect import check_data, report_data
     from sftdist.recipe import load_recipe
 
     r = load_recipe(recipe, overrides)
-    if check:
+    if show:
+        from sftdist.data.show import show_data
+
+        show_data(r, show)
+    elif check:
         check_data(r)
     else:
         report_data(r)

@@ -1,13 +1,16 @@
 """`sftdist generate`: answer prompts with a trained model, rendered exactly as in training.
 
 The prompt goes through the same template and Encoder as the training samples (read from the
-`sftdist_recipe.yaml` saved beside the model), so a fine-tuned model sees what it learnt. With
+`sftdist_recipe.yaml` saved beside the model), so a fine-tuned model sees what it learnt: a model
+trained on chat data gets `--prompt` as a user turn of its chat template, one trained on
+instruction data gets the recipe's prompt template. With
 `--compare BASE` the base answers the same token ids, side by side; prompts that come with a
 reference answer (a data file) are scored by exact match.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +34,27 @@ def _trained_recipe(model_dir: Path) -> Recipe | None:
     if not f.is_file():
         return None
     return recipe_from_dict(yaml.safe_load(f.read_text(encoding="utf-8")), source=str(f))
+
+
+def trained_on_chat(recipe: Recipe | None) -> bool:
+    """Whether the run trained on chat rows only: each source's format, detected from its first row
+    when `auto` (sources no longer readable are skipped; mixed runs keep the prompt template)."""
+    from sftdist.data.formats import CHAT_FORMATS, SELECT_FORMATS, render_rows
+    from sftdist.data.load import read_source
+
+    if recipe is None:
+        return False
+    formats = []
+    for src in recipe.data.train:
+        fmt = src.format
+        if fmt == "auto" or fmt in SELECT_FORMATS:
+            try:
+                rows = read_source(dataclasses.replace(src, limit=1))
+                fmt = render_rows(rows.rows, rows.labels, src.format, recipe.data.template, rows.where, warn=False).format
+            except UserError:
+                continue
+        formats.append(fmt)
+    return bool(formats) and all(f in CHAT_FORMATS for f in formats)
 
 
 def load_for_generation(model_dir: str) -> tuple[Any, Any]:
@@ -66,7 +90,14 @@ def read_prompts(path: str | None, prompts: list[str], recipe: Recipe | None, to
 
     template = recipe.data.template if recipe else "default"
     enc = Encoder(tokenizer, 10**9, "completion", False, stop_token_ids(tokenizer))
-    out = [Prompt(t, enc.prompt_ids(PROMPT_TEMPLATES[template].render(t))) for t in prompts]
+    if trained_on_chat(recipe) and tokenizer.chat_template:
+        def render(text: str) -> list[int]:
+            return enc.chat_prompt_ids([{"role": "user", "content": text}])
+    else:
+        def render(text: str) -> list[int]:
+            return enc.prompt_ids(PROMPT_TEMPLATES[template].render(text))
+
+    out = [Prompt(t, render(t)) for t in prompts]
     if path is None:
         return out
     p = Path(path)
@@ -75,7 +106,7 @@ def read_prompts(path: str | None, prompts: list[str], recipe: Recipe | None, to
     if p.suffix not in (".jsonl", ".json", ".parquet", ".csv"):
         for line in p.read_text(encoding="utf-8").splitlines():
             if line.strip():
-                out.append(Prompt(line.strip(), enc.prompt_ids(PROMPT_TEMPLATES[template].render(line.strip()))))
+                out.append(Prompt(line.strip(), render(line.strip())))
         return out
     rows = read_source(SourceConfig(path=str(p)))
     rendered = render_rows(rows.rows, rows.labels, "auto", template, rows.where)

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from sftdist import distributed
-from sftdist.data.templates import CHAT_TEMPLATES
 from sftdist.errors import UserError
 from sftdist.recipe import Recipe
 
@@ -66,15 +65,9 @@ def load_tokenizer(recipe: Recipe) -> Any:
         raise UserError(f"{m.name_or_path}: could not load a tokenizer ({str(e).splitlines()[0]})") from None
     if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
         tok.add_special_tokens({"pad_token": PAD_TOKEN})
-    ct = recipe.data.chat_template
-    if ct is not None:
-        if ct in CHAT_TEMPLATES:
-            tok.chat_template = CHAT_TEMPLATES[ct]
-        else:
-            path = Path(ct)
-            if not path.is_file():
-                raise UserError(f"{recipe.source}: data.chat_template file {ct} does not exist")
-            tok.chat_template = path.read_text(encoding="utf-8")
+    from sftdist.data.chat import set_chat_template
+
+    set_chat_template(tok, recipe.data.chat_template, recipe.source)
     return tok
 
 

@@ -22,7 +22,8 @@ import yaml
 from sftdist.errors import UserError
 
 METHODS = ("full", "lora", "qlora")
-FORMATS = ("auto", "text", "prompt_completion", "dolly", "alpaca", "messages", "sharegpt")
+# dpo_chosen / kto_good: preference or labelled rows, trained on the chosen response / the rows labelled true.
+FORMATS = ("auto", "text", "prompt_completion", "dolly", "alpaca", "messages", "sharegpt", "dpo_chosen", "kto_good")
 LOSS_ON = ("completion", "all")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 RECIPE_FILE = "sftdist_recipe.yaml"
@@ -88,8 +89,10 @@ class DataConfig:
     loss_on: str = "completion"
     # Prompt template for instruction formats (dolly, alpaca); see data/templates.py.
     template: str = "default"
-    # Chat template for chat formats when the tokenizer has none: a name from data/templates.py or a .jinja path.
-    chat_template: str | None = None
+    # Chat template for chat formats: auto (the tokenizer's; assistant tokens from its {% generation %}
+    # markers, trl's training template of its family, or prefix rendering), chatml, a model family
+    # whose training template trl ships (qwen3, llama3, ...), or a .jinja path. null means auto.
+    chat_template: str | None = "auto"
     # Over-long samples are dropped (and counted) unless truncate is true.
     truncate: bool = False
     num_proc: int | None = None
@@ -261,13 +264,14 @@ def validate(recipe: Recipe) -> Recipe:
         raise UserError(f"{src}: data.eval_fraction is {recipe.data.eval_fraction}; expected 0 <= x < 1")
     if recipe.data.max_length < 8:
         raise UserError(f"{src}: data.max_length is {recipe.data.max_length}; expected at least 8")
-    from sftdist.data.templates import CHAT_TEMPLATES, PROMPT_TEMPLATES
+    from sftdist.data.templates import CHAT_TEMPLATES, PROMPT_TEMPLATES, training_families
 
     if recipe.data.template not in PROMPT_TEMPLATES:
         raise _choices_error(f"{src}: data.template", recipe.data.template, tuple(PROMPT_TEMPLATES))
     ct = recipe.data.chat_template
-    if ct is not None and ct not in CHAT_TEMPLATES and not ct.endswith(".jinja"):
-        raise _choices_error(f"{src}: data.chat_template", ct, (*CHAT_TEMPLATES, "a path ending in .jinja"))
+    if ct not in (None, "auto", *CHAT_TEMPLATES) and not ct.endswith(".jinja") and ct not in training_families():
+        choices = ("auto", *CHAT_TEMPLATES, *training_families(), "a path ending in .jinja")
+        raise _choices_error(f"{src}: data.chat_template", ct, choices)
     return recipe
 
 

@@ -34,14 +34,26 @@ MODEL_SHAPE = {
 }
 
 # ChatML turns marked with added special tokens. An assistant turn ends with EOS (so generation stops
-# by itself) and its content + EOS sit inside {% generation %}, so that `return_assistant_tokens_mask`
-# (trl's assistant-only loss) marks exactly the tokens the model must learn to produce.
+# by itself) and its reasoning, content, tool calls and EOS sit inside {% generation %}, so that
+# `return_assistant_tokens_mask` marks exactly the tokens the model must learn to produce. Tools are
+# listed as JSON in a `tools` turn, each call is a `<tool_call>` JSON block (as in Qwen), reasoning is
+# a `<think>` block, and tool results are `tool` turns. Every turn renders the same whatever follows
+# it, so the template is prefix-stable.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
+    "{% if tools %}{{ '<|im_start|>tools\\n' }}"
+    "{% for tool in tools %}{{ tool | tojson }}{{ '\\n' }}{% endfor %}{{ '<|im_end|>\\n' }}{% endif %}"
     "{% for message in messages %}"
     "{% if message['role'] == 'assistant' %}"
     "{{ '<|im_start|>assistant\\n' }}"
-    "{% generation %}{{ message['content'] }}{{ eos_token }}{% endgeneration %}"
+    "{% generation %}"
+    "{% if message.get('reasoning_content') %}{{ '<think>\\n' + message['reasoning_content'] + '\\n</think>\\n' }}{% endif %}"
+    "{{ message['content'] or '' }}"
+    "{% for call in message.get('tool_calls') or [] %}"
+    "{{ '<tool_call>\\n' }}{{ {'name': call['function']['name'], 'arguments': call['function']['arguments']} | tojson }}"
+    "{{ '\\n</tool_call>' }}"
+    "{% endfor %}"
+    "{{ eos_token }}{% endgeneration %}"
     "{{ '\\n' }}"
     "{% else %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"

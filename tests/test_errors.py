@@ -272,7 +272,7 @@ def c15_unknown_template(d, ctx):
 
 @case
 def c15_unknown_chat_template(d, ctx):
-    return train(d, ctx, data={"chat_template": "llama3"}), ("recipe.yaml", "data.chat_template", "'llama3'", "chatml")
+    return train(d, ctx, data={"chat_template": "llama9"}), ("recipe.yaml", "data.chat_template", "'llama9'", "chatml")
 
 
 @case

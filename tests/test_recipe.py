@@ -116,7 +116,7 @@ def test_wrong_types_say_what_was_expected(tmp_path, raw, words):
         (with_(data={"loss_on": "prompt"}), ["data.loss_on", "completion, all"]),
         (with_(data={"train": [{"path": "d", "format": "chatml"}]}), ["data.train[0].format", "auto, text"]),
         (with_(data={"template": "vicuna"}), ["data.template", "default, alpaca"]),
-        (with_(data={"chat_template": "llama3"}), ["data.chat_template", "chatml, a path ending in .jinja"]),
+        (with_(data={"chat_template": "llama9"}), ["data.chat_template", "auto, chatml, cohere,", "qwen3,", "a path ending in .jinja"]),
         (with_(quantization={"quant_type": "int4"}), ["quantization.quant_type", "nf4, fp4"]),
         (with_(quantization={"storage_dtype": "int8"}), ["quantization.storage_dtype", "uint8"]),
     ],

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from sftdist.data.chat import encode_chat
 from sftdist.data.formats import Example
 from sftdist.errors import UserError
 
@@ -70,34 +71,12 @@ class Encoder:
         text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
-    def _chat(self, messages: list[dict[str, str]], where: str) -> tuple[list[int], list[int]]:
-        tok = self.tok
-        full = tok.apply_chat_template(messages, tokenize=False)
-        spans = []
-        for i, m in enumerate(messages):
-            if m["role"] != "assistant":
-                continue
-            start = len(tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True))
-            upto = tok.apply_chat_template(messages[: i + 1], tokenize=False)
-            if not full.startswith(upto) or start > len(upto):
-                raise UserError(
-                    f"{where}: the chat template does not render conversations prefix by prefix, so assistant "
-                    "turns cannot be located; use a ChatML-like template (data.chat_template: chatml)"
-                )
-            spans.append((start, len(upto)))
-        enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
-        ids = enc["input_ids"]
-        mask = [1 if any(s <= a < e for s, e in spans) else 0 for a, _ in enc["offset_mapping"]]
-        if not any(t in self.stop_ids for t, m in zip(ids, mask) if m):
-            raise UserError(
-                f"{where}: the chat template ends assistant turns without the EOS token "
-                f"{tok.eos_token!r}, so the model would never learn to stop; use data.chat_template: chatml"
-            )
-        return ids, mask
+    def _chat(self, ex: Example, where: str) -> tuple[list[int], list[int]]:
+        return encode_chat(self.tok, ex, self.stop_ids, where)
 
     def encode_one(self, ex: Example, where: str) -> tuple[list[int], list[int]]:
         if ex.kind == "chat":
-            ids, mask = self._chat(ex.messages, where)
+            ids, mask = self._chat(ex, where)
         elif ex.kind == "text":
             ids = self.prompt_ids(ex.text) + [self.eos]
             mask = [1] * len(ids)

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import click
 
 from sftdist.data.encode import Encoded, Encoder, stop_token_ids
-from sftdist.data.formats import CHAT_FORMATS, detect_format, render_rows
+from sftdist.data.formats import CHAT_FORMATS, SELECT_FORMATS, render_rows
 from sftdist.data.load import iter_source
 from sftdist.errors import UserError
 from sftdist.recipe import Recipe, SourceConfig
@@ -85,8 +85,9 @@ def _warn_dropped(report: SourceReport) -> None:
     click.echo(f"warning: dropped {dropped} of {report.rows} rows of {report.where}: {reasons}", err=True)
 
 
-def _table(enc: Encoded) -> Any:
-    """input_ids + labels (-100 where no loss) as an Arrow table, built from flat numpy arrays."""
+def _table(enc: Encoded) -> tuple[Any, int]:
+    """input_ids + labels (-100 where no loss) as an Arrow table, built from flat numpy arrays, and
+    the number of tokens that carry loss."""
     import itertools
 
     import numpy as np
@@ -98,12 +99,13 @@ def _table(enc: Encoded) -> Any:
     ids = np.fromiter(itertools.chain.from_iterable(enc.input_ids), dtype=np.int32, count=total)
     mask = np.fromiter(itertools.chain.from_iterable(enc.completion_mask), dtype=np.int8, count=total)
     labels = np.where(mask == 1, ids, -100).astype(np.int32)
-    return pa.table(
+    table = pa.table(
         {
             "input_ids": pa.ListArray.from_arrays(offsets, pa.array(ids)),
             "labels": pa.ListArray.from_arrays(offsets, pa.array(labels)),
         }
     )
+    return table, int(mask.sum())
 
 
 def _percentiles(lengths: Any) -> dict[str, int]:
@@ -125,29 +127,30 @@ def _encode_source(
     dropped: Counter = Counter()
     lengths: list[Any] = []
     start, writer = time.perf_counter(), None
+    fmt = src.format  # after the first chunk: the layout it detected (selections detect per chunk)
     try:
         for chunk in iter_source(src):
+            rendered = render_rows(chunk.rows, chunk.labels, fmt, recipe.data.template, chunk.where)
             if report is None:
-                fmt = detect_format(list(chunk.rows[0].keys()), chunk.where) if src.format == "auto" else src.format
-                report = SourceReport(chunk.where, role, fmt)
-                if fmt in CHAT_FORMATS and not tokenizer.chat_template:
+                report = SourceReport(chunk.where, role, src.format if src.format in SELECT_FORMATS else rendered.format)
+                fmt = src.format if src.format in SELECT_FORMATS else rendered.format
+                if rendered.format in CHAT_FORMATS and not tokenizer.chat_template:
                     raise UserError(
-                        f"{chunk.where}: format '{fmt}' needs a chat template, and the tokenizer of "
+                        f"{chunk.where}: format '{rendered.format}' needs a chat template, and the tokenizer of "
                         f"{recipe.model.name_or_path} has none; set data.chat_template (e.g. chatml)"
                     )
-            rendered = render_rows(chunk.rows, chunk.labels, report.format, recipe.data.template, chunk.where)
             dropped.update(rendered.dropped)
             enc = encoder.encode(rendered.examples, chunk.where, rendered.labels)
             report.rows += len(chunk.rows)
             dropped[f"longer than max_length {recipe.data.max_length}"] += enc.too_long
             dropped[f"truncated to max_length {recipe.data.max_length} (kept)"] += enc.truncated
             if enc.input_ids:
-                table = _table(enc)
+                table, loss_tokens = _table(enc)
                 if writer is None:
                     writer = pa.ipc.new_stream(str(out_file), table.schema)
                 writer.write_table(table)
                 lengths.append(np.fromiter(map(len, enc.input_ids), dtype=np.int64))
-                report.loss_tokens += int(sum(sum(m) for m in enc.completion_mask))
+                report.loss_tokens += loss_tokens
             rate = report.rows / max(time.perf_counter() - start, 1e-9)
             if progress:
                 click.echo(f"sftdist: {report.where}: {report.rows} rows read ({rate:,.0f} rows/s)")
@@ -160,12 +163,15 @@ def _encode_source(
     report.kept, report.tokens = len(all_lengths), int(all_lengths.sum())
     report.percentiles = _percentiles(all_lengths)
     if not report.kept:
-        if dropped["empty response"] == report.rows:
-            raise UserError(f"{report.where}: every one of its {report.rows} rows has an empty response; nothing to train on")
-        raise UserError(
-            f"{report.where}: all {report.rows - dropped['empty response']} samples are longer than data.max_length="
-            f"{recipe.data.max_length}; raise max_length or set data.truncate: true"
-        )
+        too_long = dropped[f"longer than max_length {recipe.data.max_length}"]
+        if too_long and too_long == report.rows - dropped["empty response"] - dropped["labelled bad"]:
+            raise UserError(
+                f"{report.where}: all {too_long} samples are longer than data.max_length="
+                f"{recipe.data.max_length}; raise max_length or set data.truncate: true"
+            )
+        why = "has an empty response" if dropped["empty response"] == report.rows else "is dropped"
+        why = "is labelled bad" if dropped["labelled bad"] == report.rows else why
+        raise UserError(f"{report.where}: every one of its {report.rows} rows {why}; nothing to train on")
     return report
 
 

@@ -1,13 +1,16 @@
-"""Named prompt templates (instruction formats) and fallback chat templates (chat formats).
+"""Named prompt templates (instruction formats) and the names `data.chat_template` accepts.
 
 The `default` prompt template is the one of the guide this project grew from; the Context block
-appears only when there is context. Chat formats use the tokenizer's own chat template; a tokenizer
-without one (GPT-2) must be given one of `CHAT_TEMPLATES` (or a .jinja file) in `data.chat_template`.
+appears only when there is context. Chat formats use the tokenizer's own chat template (`auto`); a
+tokenizer without one (GPT-2) must be given `chatml`, a model family whose training template trl
+ships (`qwen3`, `llama3`, ...; see `training_families`) or a .jinja file in `data.chat_template`.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -53,3 +56,23 @@ CHATML_TEXT = (
 )
 
 CHAT_TEMPLATES: dict[str, str] = {"chatml": CHATML_TEXT}
+
+
+def training_families() -> tuple[str, ...]:
+    """Model families whose training chat template (with `{% generation %}` markers) trl ships.
+
+    Read from trl's `chat_templates/*_training.jinja` file names without importing trl, so that a
+    recipe is checked instantly.
+    """
+    spec = importlib.util.find_spec("trl")
+    if spec is None or not spec.submodule_search_locations:
+        return ()
+    folder = Path(next(iter(spec.submodule_search_locations))) / "chat_templates"
+    return tuple(sorted(p.name[: -len("_training.jinja")] for p in folder.glob("*_training.jinja")))
+
+
+def training_template(family: str) -> str:
+    """trl's training chat template of a model family (one of `training_families()`)."""
+    import trl.chat_template_utils as ctu
+
+    return getattr(ctu, f"{family}_training_chat_template")
