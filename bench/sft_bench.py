@@ -283,8 +283,8 @@ def child_prep(which: str, out: Path, max_length: int) -> None:
         rows = _read_jsonl(DOLLY)
         data = datasets.Dataset.from_list([dict(zip(("prompt", "completion"), _render(r))) for r in rows])
         packed = SFTTrainer._prepare_dataset(fake, data, tok, args, True, None, "train")
-    else:
-        from sftdist.data.pipeline import prepare_data
+    else:  # sftdist's cache build: read, render, encode and pack (trl's packer) into a new entry
+        from sftdist.data.pipeline import build
         from sftdist.model import load_tokenizer
         from sftdist.recipe import recipe_from_dict
 
@@ -293,11 +293,9 @@ def child_prep(which: str, out: Path, max_length: int) -> None:
                                                                "max_length": max_length, "truncate": True}}
         )
         tok = load_tokenizer(recipe)
-        fake._tokenizer = tok
+        entry = Path(tempfile.mkdtemp(dir=out.parent))
         start = time.perf_counter()
-        prepared = prepare_data(recipe, tok)
-        packed = SFTTrainer._prepare_dataset(fake, datasets.Dataset.from_dict(prepared.train), tok, args, True, None,
-                                             "train")
+        packed = range(build(recipe, tok, entry, progress=False).train_rows)
     seconds = time.perf_counter() - start
     out.write_text(json.dumps({"seconds": seconds, "packs": len(packed)}), encoding="utf-8")
 

@@ -49,7 +49,7 @@ def summarize(recipe: Recipe, data: Prepared) -> list[str]:
     lines: list[str] = []
     for r in rep.sources:
         lines += _source_lines(r)
-    lengths = sample_lengths(data.train).tolist()
+    lengths = sample_lengths(data.train_table()).tolist()
     batch = int(recipe.train.get("per_device_train_batch_size", 8))
     pad = padding_efficiency(lengths, batch, recipe.data.seed)
     lines += [

@@ -12,6 +12,7 @@ Arrow file at once, and mixing, splitting and packing work on Arrow tables and i
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -250,8 +251,8 @@ def build(recipe: Recipe, tokenizer: Any, out: Path, progress: bool = True) -> D
         write(eval_ds.select(eval_idx), out / EVAL_FILE)
     for f in out.glob("source-*.arrow"):
         f.unlink()
-    lengths = sample_lengths(train)
-    loss_tokens = int(_count_loss(train))
+    lengths = sample_lengths(train.data.table)
+    loss_tokens = _count_loss(train.data.table)
     report = DataReport(
         sources=reports,
         train_samples=len(lengths),
@@ -266,40 +267,53 @@ def build(recipe: Recipe, tokenizer: Any, out: Path, progress: bool = True) -> D
     return report
 
 
-def sample_lengths(ds: Any) -> Any:
+def sample_lengths(table: Any) -> Any:
     """Tokens per training sample, read from the Arrow columns (packed rows keep them in seq_lengths)."""
     import numpy as np
     import pyarrow.compute as pc
 
-    table = ds.data.table if hasattr(ds.data, "table") else ds.data
-    if "seq_lengths" in ds.column_names:
+    if "seq_lengths" in table.column_names:
         return np.asarray(pc.list_flatten(table.column("seq_lengths")).to_numpy(zero_copy_only=False), dtype=np.int64)
     return np.asarray(pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False), dtype=np.int64)
 
 
-def _count_loss(ds: Any) -> int:
+def _count_loss(table: Any) -> int:
     import pyarrow.compute as pc
 
-    table = ds.data.table if hasattr(ds.data, "table") else ds.data
     flat = pc.list_flatten(table.column("labels"))
     return int(pc.sum(pc.not_equal(flat, -100)).as_py() or 0)
 
 
 @dataclass
 class Prepared:
-    """The cache entry's rows, memory-mapped (`datasets.Dataset`), and its report."""
+    """A verified cache entry and its report; its rows open as memory-mapped `datasets.Dataset`s
+    only when asked for, so that a report from a warm entry does not import `datasets`."""
 
-    train: Any
-    eval: Any | None
-    report: DataReport
     entry: Path
+    report: DataReport
     how: str  # "built" | "hit" | "waited"
+
+    @functools.cached_property
+    def train(self) -> Any:
+        from datasets import Dataset
+
+        return Dataset.from_file(str(self.entry / TRAIN_FILE))
+
+    @functools.cached_property
+    def eval(self) -> Any | None:
+        from datasets import Dataset
+
+        return Dataset.from_file(str(self.entry / EVAL_FILE)) if (self.entry / EVAL_FILE).is_file() else None
+
+    def train_table(self) -> Any:
+        """The training rows as a memory-mapped Arrow table (pyarrow only)."""
+        import pyarrow as pa
+
+        return pa.ipc.open_stream(pa.memory_map(str(self.entry / TRAIN_FILE))).read_all()
 
 
 def prepare(recipe: Recipe, load_tokenizer: Callable[[], Any], force: bool = False, progress: bool = True) -> Prepared:
     """The recipe's prepared data: from the cache, or built into it first (see data/cache.py)."""
-    from datasets import Dataset
-
     from sftdist.data.cache import ensure_entry
 
     rank = os.environ.get("RANK")
@@ -319,6 +333,4 @@ def prepare(recipe: Recipe, load_tokenizer: Callable[[], Any], force: bool = Fal
     if os.environ.get("RANK", "0") == "0":
         for source in report.sources:
             _warn_dropped(source)
-    train = Dataset.from_file(str(found.path / TRAIN_FILE))
-    evals = Dataset.from_file(str(found.path / EVAL_FILE)) if (found.path / EVAL_FILE).is_file() else None
-    return Prepared(train, evals, report, found.path, found.how)
+    return Prepared(found.path, report, found.how)
