@@ -63,7 +63,7 @@ def test_warm_read_is_the_cold_build_and_matches_per_sample_encoding(tmp_path, t
     assert warm.report.train_loss_tokens == sum(t != -100 for row in warm.train["labels"] for t in row)
 
 
-def test_packed_rows_hold_every_sample_once_and_small_chunks_change_nothing(tmp_path, tiny_model, demo_rows, monkeypatch):
+def test_packed_rows_hold_every_sample_once_and_chunks_or_workers_change_nothing(tmp_path, tiny_model, demo_rows, monkeypatch):
     whole = _prepare(_recipe(tiny_model, demo_rows, tmp_path / "a"))
     rows = whole.train
     assert set(rows.column_names) == {"input_ids", "labels", "seq_lengths"}
@@ -73,6 +73,8 @@ def test_packed_rows_hold_every_sample_once_and_small_chunks_change_nothing(tmp_
     chunked = _prepare(_recipe(tiny_model, demo_rows, tmp_path / "b"))
     assert chunked.entry.name == whole.entry.name
     assert _columns(chunked.train) == _columns(rows)
+    workers = _prepare(_recipe(tiny_model, demo_rows, tmp_path / "c", num_proc=2))  # 12 chunks in 2 processes
+    assert workers.entry.name == whole.entry.name and _columns(workers.train) == _columns(rows)
 
 
 def test_each_fingerprint_input_changed_alone_makes_a_new_entry(tmp_path, tiny_model, demo_rows):

@@ -117,6 +117,65 @@ def _percentiles(lengths: Any) -> dict[str, int]:
     return {f"p{q}" if q < 100 else "max": int(np.percentile(lengths, q, method="nearest")) for q in (50, 90, 99, 100)}
 
 
+@dataclass
+class _Chunk:
+    """What encoding one chunk of rows gives (small enough to come back from a worker process)."""
+
+    where: str
+    format: str
+    rows: int
+    dropped: Counter
+    table: Any  # pyarrow.Table, or None when nothing was kept
+    loss_tokens: int
+    lengths: Any  # numpy array of tokens per kept sample
+
+
+def _encode_chunk(chunk: Any, fmt: str, recipe: Recipe, encoder: Encoder) -> _Chunk:
+    import numpy as np
+
+    rendered = render_rows(chunk.rows, chunk.labels, fmt, recipe.data.template, chunk.where)
+    enc = encoder.encode(rendered.examples, chunk.where, rendered.labels)
+    dropped = Counter(rendered.dropped)
+    dropped[f"longer than max_length {recipe.data.max_length}"] += enc.too_long
+    dropped[f"truncated to max_length {recipe.data.max_length} (kept)"] += enc.truncated
+    table, loss = _table(enc) if enc.input_ids else (None, 0)
+    lengths = np.fromiter(map(len, enc.input_ids), dtype=np.int64, count=len(enc.input_ids))
+    return _Chunk(chunk.where, rendered.format, len(chunk.rows), dropped, table, loss, lengths)
+
+
+_worker: dict[str, Any] = {}  # set in each worker process by fork (see _chunks_in_workers)
+
+
+def _encode_in_worker(chunk: Any) -> _Chunk:
+    return _encode_chunk(chunk, _worker["fmt"], _worker["recipe"], _worker["encoder"])
+
+
+def _encoded_chunks(src: SourceConfig, recipe: Recipe, encoder: Encoder, tokenizer: Any) -> Any:
+    """Encoded chunks of one source, in file order: the first here (it decides the layout and is
+    checked against the tokenizer), the rest in `data.num_proc` worker processes when asked."""
+    import multiprocessing
+
+    chunks = iter_source(src)
+    first = _encode_chunk(next(chunks), src.format, recipe, encoder)
+    if first.format in CHAT_FORMATS and not tokenizer.chat_template:
+        raise UserError(
+            f"{first.where}: format '{first.format}' needs a chat template, and the tokenizer of "
+            f"{recipe.model.name_or_path} has none; set data.chat_template (e.g. chatml)"
+        )
+    yield first
+    fmt = src.format if src.format in SELECT_FORMATS else first.format  # selections detect per chunk
+    procs = recipe.data.num_proc or 1
+    if procs == 1:
+        yield from (_encode_chunk(c, fmt, recipe, encoder) for c in chunks)
+        return
+    # fork: the workers inherit the encoder (and its tokenizer) instead of unpickling one each;
+    # the fast tokenizer's own threads are off in them, one process per core does that work.
+    _worker.update(fmt=fmt, recipe=recipe, encoder=encoder)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    with multiprocessing.get_context("fork").Pool(procs) as pool:
+        yield from pool.imap(_encode_in_worker, chunks)
+
+
 def _encode_source(
     src: SourceConfig, role: str, recipe: Recipe, encoder: Encoder, tokenizer: Any, out_file: Path, progress: bool
 ) -> SourceReport:
@@ -128,30 +187,18 @@ def _encode_source(
     dropped: Counter = Counter()
     lengths: list[Any] = []
     start, writer = time.perf_counter(), None
-    fmt = src.format  # after the first chunk: the layout it detected (selections detect per chunk)
     try:
-        for chunk in iter_source(src):
-            rendered = render_rows(chunk.rows, chunk.labels, fmt, recipe.data.template, chunk.where)
+        for done in _encoded_chunks(src, recipe, encoder, tokenizer):
             if report is None:
-                report = SourceReport(chunk.where, role, src.format if src.format in SELECT_FORMATS else rendered.format)
-                fmt = src.format if src.format in SELECT_FORMATS else rendered.format
-                if rendered.format in CHAT_FORMATS and not tokenizer.chat_template:
-                    raise UserError(
-                        f"{chunk.where}: format '{rendered.format}' needs a chat template, and the tokenizer of "
-                        f"{recipe.model.name_or_path} has none; set data.chat_template (e.g. chatml)"
-                    )
-            dropped.update(rendered.dropped)
-            enc = encoder.encode(rendered.examples, chunk.where, rendered.labels)
-            report.rows += len(chunk.rows)
-            dropped[f"longer than max_length {recipe.data.max_length}"] += enc.too_long
-            dropped[f"truncated to max_length {recipe.data.max_length} (kept)"] += enc.truncated
-            if enc.input_ids:
-                table, loss_tokens = _table(enc)
+                report = SourceReport(done.where, role, src.format if src.format in SELECT_FORMATS else done.format)
+            report.rows += done.rows
+            dropped.update(done.dropped)
+            if done.table is not None:
                 if writer is None:
-                    writer = pa.ipc.new_stream(str(out_file), table.schema)
-                writer.write_table(table)
-                lengths.append(np.fromiter(map(len, enc.input_ids), dtype=np.int64))
-                report.loss_tokens += loss_tokens
+                    writer = pa.ipc.new_stream(str(out_file), done.table.schema)
+                writer.write_table(done.table)
+                lengths.append(done.lengths)
+                report.loss_tokens += done.loss_tokens
             rate = report.rows / max(time.perf_counter() - start, 1e-9)
             if progress:
                 click.echo(f"sftdist: {report.where}: {report.rows} rows read ({rate:,.0f} rows/s)")
