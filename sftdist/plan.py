@@ -814,3 +814,38 @@ def recommend_strategy(
     zero3-offload is only chosen when the CPU RAM per node is given and large enough.
     """
     return choose_strategy(recipe, gpus, gpu_memory_bytes, nodes, cpu_memory_bytes)[0]
+
+
+def auto_strategy(
+    recipe: Recipe, gpus: int, num_processes: int | None, num_machines: int, gpu_memory_bytes: int | None
+) -> tuple[str, int, str]:
+    """(strategy, processes per machine, why) for `sftdist launch --strategy auto`.
+
+    On GPUs: every visible GPU (or --num-processes of them), each with the smallest visible GPU's
+    memory unless --gpu-memory says otherwise, and this machine's RAM for zero3-offload. Without a
+    GPU: --num-processes is required, each process is planned as a device holding an equal share of
+    this machine's RAM (or --gpu-memory), in fp32 as sftdist trains on CPU, and offload is never chosen
+    (there is no device memory to relieve).
+    """
+    import psutil
+
+    ram = psutil.virtual_memory().total
+    if gpus:
+        import torch
+
+        processes = num_processes or gpus
+        memory = gpu_memory_bytes or min(torch.cuda.get_device_properties(i).total_memory for i in range(gpus))
+        cpu_memory: int | None = ram
+        where = f"{processes} GPU(s) per machine"
+    else:
+        if num_processes is None:
+            raise UserError("--strategy auto: no GPU is visible; pass --num-processes N (processes per machine)")
+        processes = num_processes
+        memory = gpu_memory_bytes or ram // processes
+        cpu_memory = None
+        where = f"{processes} CPU process(es) per machine, each planned with {_gib(memory)} GiB of this machine's RAM"
+        train = {k: v for k, v in recipe.train.items() if k not in ("bf16", "fp16")}
+        model = recipe.model if recipe.model.dtype != "auto" else dataclasses.replace(recipe.model, dtype="float32")
+        recipe = dataclasses.replace(recipe, model=model, train={**train, "bf16": False})
+    strategy, why = choose_strategy(recipe, processes, memory, num_machines, cpu_memory)
+    return strategy, processes, f"{where}: {why}"
