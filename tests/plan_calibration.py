@@ -32,7 +32,9 @@ MODELS = {
                      "num_attention_heads": 24, "num_key_value_heads": 8, "vocab_size": 128256,
                      "tie_word_embeddings": True},
 }  # fmt: skip
-TRL_LOGITS_BYTES = 14  # per token x vocabulary entry: bf16 logits, the fp32 copy, the shifted fp32 copy and the fp32 log-softmax (transformers' causal-LM loss before the fused head)
+# Per token x vocabulary entry, what transformers' causal-LM loss kept before trl's fused head: the bf16
+# logits, their fp32 copy, the shifted fp32 copy and the fp32 log-softmax.
+TRL_LOGITS_BYTES = 14
 
 PEFT_DS = "PEFT docs, 'DeepSpeed' guide (huggingface.co/docs/peft/accelerate/deepspeed), 'Memory usage'"
 PEFT_FSDP = "PEFT docs, 'Fully Sharded Data Parallel' guide (huggingface.co/docs/peft/accelerate/fsdp), 'Memory usage'"
@@ -117,6 +119,14 @@ ROWS = [
 ]
 
 
+# The same rows planned by the code before the calibration (commit de6248a: AdamW always, saved tensors
+# only, ZeRO-3's largest module, a fixed 1 GiB reserve), in GiB, for the before/after ratios in docs/plan.md.
+BEFORE_GIB = {"peft-zero3-lora-70b": 48.0, "peft-zero3-qlora-70b": 27.8, "peft-fsdp-lora-70b": 50.9,
+              "peft-fsdp-qlora-70b": 28.4, "gist-zero2-7b-ckpt": 26.7, "gist-zero2-7b": 43.5,
+              "gist-zero3-7b-ckpt": 16.6, "gist-zero3-7b-ckpt-b8": 26.7, "torchtune-full-8b-8bit": 61.7,
+              "torchtune-qlora-8b": 7.4, "torchtune-lora-70b": 30.5, "torchtune-full-3b": 26.3}  # fmt: skip
+
+
 def row_recipe(row: Row, model_dir: Path):
     """The sftdist recipe that runs the published setup as closely as sftdist can."""
     from sftdist.recipe import recipe_from_dict
@@ -151,8 +161,7 @@ def planned_gib(row: Row, dirs: dict[str, Path], counts_cache: dict) -> float:
         counts_cache[key] = p.count_model(recipe)
     result = p.make_plan(recipe, row.gpus, 80 * GIB, counts=counts_cache[key])
     est = next(e for e in result.estimates if e.strategy == row.strategy)
-    reserve = result.reserve(est) if hasattr(result, "reserve") else p.CUDA_RESERVE
-    return (est.total + (reserve if row.measure == "device" else 0)) / GIB
+    return (est.total + (result.reserve(est) if row.measure == "device" else 0)) / GIB
 
 
 def table() -> list[tuple[Row, float, float]]:
@@ -167,8 +176,24 @@ def table() -> list[tuple[Row, float, float]]:
     return out
 
 
-if __name__ == "__main__":
+def markdown() -> str:
+    """The calibration table of docs/plan.md."""
+    lines = ["| setup | measured GiB | not modelled (GiB) | adjusted | before: planned, ratio | after: planned, ratio |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
     for row, planned, ratio in table():
-        print(f"{row.name:<24} measured {row.measured_gib:6.1f} adjust {row.adjust_gib:+6.1f} "
-              f"planned {planned:6.1f} ratio {ratio:6.3f} raw {planned / row.measured_gib:5.2f}")  # fmt: skip
+        adjusted = row.measured_gib + row.adjust_gib
+        before = BEFORE_GIB[row.name]
+        what = f"{row.method}, {row.strategy} x {row.gpus}, batch {row.batch} x {row.seq}, " + (
+            "checkpointing" if row.checkpointing else "no checkpointing"
+        )
+        lines.append(
+            f"| {row.name}: {row.model}, {what} | {row.measured_gib:.1f} ({row.measure}) | "
+            f"{row.adjust_gib:+.1f} {row.adjust_why} | {adjusted:.1f} | {before:.1f}, {before / adjusted:.2f} | "
+            f"{planned:.1f}, {ratio:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown())
     sys.exit(0)
