@@ -228,9 +228,6 @@ class Plan:
             return "no"
         return "tight" if self.margin(e) < UNCERTAINTY * e.total else "fits"
 
-    def fits(self, e: Estimate) -> bool:
-        return self.status(e) != "no"
-
     @property
     def recommended(self) -> Estimate | None:
         """The fastest strategy that fits with room to spare, else the fastest that fits tightly."""
@@ -681,7 +678,9 @@ def _sequence_parallel_lines(plan: Plan) -> list[str]:
         alt = one_sample(with_sequence_parallel(plan, n))
         best = alt.recommended
         act = _gib(best.act_ckpt if best else min(e.act_ckpt for e in alt.estimates))
-        outcome = f"{best.strategy} {plan_word(alt, best)}, margin {_gib(alt.margin(best))}" if best else "nothing fits"
+        outcome = "nothing fits"
+        if best is not None:
+            outcome = f"{best.strategy} {_fit_word(alt, best)}, margin {_gib(alt.margin(best))}"
         parts.append(f"{n}: activations {act} GiB ({outcome})")
     lines = [
         f"sequence_parallel options (one {plan.work.seq}-token sample per micro-batch, checkpointing on, "
@@ -694,7 +693,7 @@ def _sequence_parallel_lines(plan: Plan) -> list[str]:
     return lines
 
 
-def plan_word(plan: Plan, e: Estimate) -> str:
+def _fit_word(plan: Plan, e: Estimate) -> str:
     return "fits" if plan.status(e) == "fits" else "tight"
 
 
@@ -742,7 +741,7 @@ def _closest(plan: Plan) -> Estimate:
 def _outcome(plan: Plan) -> str:
     best = plan.recommended
     if best is not None:
-        return f"{best.strategy} {plan_word(plan, best)}, margin {_gib(plan.margin(best))} GiB"
+        return f"{best.strategy} {_fit_word(plan, best)}, margin {_gib(plan.margin(best))} GiB"
     e = _closest(plan)
     return f"still {_gib(-plan.margin(e))} GiB short with {e.strategy}"
 
