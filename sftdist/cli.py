@@ -41,7 +41,8 @@ def train(recipe: str, overrides: tuple[str, ...], no_resume: bool, overwrite: b
     "--strategy",
     required=True,
     metavar="NAME",
-    help="single, ddp, fsdp2, zero1, zero2, zero3, zero3-offload, or the path of your own accelerate config.",
+    help="single, ddp, fsdp2, zero1, zero2, zero3, zero3-offload, auto (the fastest that `sftdist plan` says "
+    "fits), or the path of your own accelerate config.",
 )
 @click.option("--num-processes", type=int, help="Processes per machine [default: visible GPUs; required on CPU].")
 @click.option("--num-machines", type=int, default=1, show_default=True)
@@ -52,6 +53,10 @@ def train(recipe: str, overrides: tuple[str, ...], no_resume: bool, overwrite: b
 @click.option("--no-resume", is_flag=True, help="Passed to `sftdist train`.")
 @click.option("--overwrite", is_flag=True, help="Passed to `sftdist train`.")
 @click.option("--dry-run", is_flag=True, help="Print the exact command and environment; start nothing.")
+@click.option(
+    "--gpu-memory",
+    help="--strategy auto: memory per GPU to plan with [default: the visible GPUs'; on CPU: RAM / processes].",
+)
 @click.argument("accelerate_args", nargs=-1, type=click.UNPROCESSED)
 def launch(
     recipe: str,
@@ -65,11 +70,19 @@ def launch(
     no_resume: bool,
     overwrite: bool,
     dry_run: bool,
+    gpu_memory: str | None,
     accelerate_args: tuple[str, ...],
 ) -> None:
     """Train RECIPE on one or more processes/machines with a strategy; args after `--` go to `accelerate launch`."""
     from sftdist.launcher import plan_launch, run_launch
 
+    gpu_bytes = None
+    if gpu_memory is not None:
+        if strategy != "auto":
+            raise UserError(f"--gpu-memory is only used with --strategy auto, not --strategy {strategy}")
+        from sftdist.plan import parse_size
+
+        gpu_bytes = parse_size(gpu_memory, "--gpu-memory")
     plan = plan_launch(
         recipe,
         strategy,
@@ -81,7 +94,10 @@ def launch(
         overrides=overrides,
         train_flags=[f for f, on in (("--no-resume", no_resume), ("--overwrite", overwrite)) if on],
         accelerate_args=accelerate_args,
+        gpu_memory=gpu_bytes,
     )
+    if plan.note:
+        click.echo(f"sftdist launch: {plan.note}", err=True)
     if dry_run:
         click.echo(plan.render())
         return

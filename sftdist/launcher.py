@@ -47,6 +47,7 @@ class Launch:
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
     kind: str = "single"
+    note: str = ""  # what --strategy auto chose and why
 
     @property
     def command(self) -> list[str]:
@@ -136,17 +137,26 @@ def plan_launch(
     train_flags: list[str] | tuple[str, ...] = (),
     accelerate_args: list[str] | tuple[str, ...] = (),
     gpus: int | None = None,
+    gpu_memory: int | None = None,
 ) -> Launch:
     """Check the flags against the recipe and the machine before anything starts.
 
     `overrides` are `sftdist train --set` values, `train_flags` its other flags, `accelerate_args`
     extra `accelerate launch` arguments; `gpus` is the number of visible GPUs (detected if None).
+    `strategy` "auto" asks the planner (`sftdist.plan.auto_strategy`); `gpu_memory` overrides the
+    memory per device it plans with.
     """
     from sftdist.recipe import load_recipe
 
-    load_recipe(recipe, overrides)  # a bad recipe fails here, before any process starts
+    loaded = load_recipe(recipe, overrides)  # a bad recipe fails here, before any process starts
     gpus = visible_gpus() if gpus is None else gpus
     on_cpu = gpus == 0
+    note = ""
+    if strategy == "auto":
+        from sftdist.plan import auto_strategy
+
+        strategy, num_processes, why = auto_strategy(loaded, gpus, num_processes, num_machines, gpu_memory)
+        note = f"--strategy auto chose {strategy}: {why}"
     acc_cfg, ds_cfg = config_paths(strategy)
     kind, stage = config_kind(acc_cfg, on_cpu, ds_cfg)
 
@@ -196,7 +206,7 @@ def plan_launch(
         env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", DEFAULT_SHUTDOWN_TIMEOUT)
     train_args = [a for o in overrides for a in ("--set", o)] + list(train_flags)
     argv += [*accelerate_args, "-m", "sftdist", "train", recipe, *train_args]
-    return Launch(argv=argv, env=env, kind=kind)
+    return Launch(argv=argv, env=env, kind=kind, note=note)
 
 
 def _forward_to_children(signum: int, frame: object) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from sftdist.errors import UserError
 from sftdist.recipe import Recipe
@@ -27,7 +28,13 @@ from sftdist.recipe import Recipe
 STRATEGIES = ("single", "ddp", "zero1", "zero2", "fsdp2", "zero3", "zero3-offload")
 DEEPSPEED = ("zero1", "zero2", "zero3", "zero3-offload")
 GiB = 1 << 30
-CUDA_RESERVE = 1 * GiB  # CUDA context, cuBLAS/NCCL workspaces and allocator slack: never usable by tensors
+CUDA_RESERVE = 1 * GiB  # CUDA context, cuBLAS/NCCL workspaces: never usable by tensors
+# Allocator fragmentation and communication buffers grow with the job: a share of the tensors' peak,
+# larger where parameters are gathered and freed in every layer (fitted to the calibration table, docs/plan.md).
+FRAGMENTATION = {"zero3": 0.12, "zero3-offload": 0.12, "fsdp2": 0.12}
+FRAGMENTATION_DEFAULT = 0.05
+# The calibration table's spread: a plan within this share of the GPU is "tight", not "fits".
+UNCERTAINTY = 0.10
 TRL_BATCH_SIZE = 8  # per_device_train_batch_size when the recipe does not set it (TrainingArguments, kept by trl)
 # trl's fused LM head (add_fused_lm_head) scores tiles of 1024 tokens x 32768 vocabulary entries in fp32.
 LOGPROB_TILE_TOKENS, LOGPROB_TILE_VOCAB = 1024, 32768
@@ -53,6 +60,68 @@ def nf4_bytes_per_param(double_quant: bool) -> float:
     if double_quant:
         return 0.5 + 1 / NF4_BLOCK + 4 / (NF4_BLOCK * NF4_DOUBLE_BLOCK)
     return 0.5 + 4 / NF4_BLOCK
+
+
+# train.optim -> (states per parameter, bytes per state: None = the parameter's dtype, like torch's
+# optimizers; a number = fixed, like bitsandbytes' 32-bit (fp32) and 8-bit (1 byte + blockwise absmax) states).
+BNB_8BIT = 1 + 4 / 256  # bitsandbytes: 8-bit state plus an fp32 absmax per 256-value block
+OPTIMIZERS: dict[str, tuple[float, float | None]] = {
+    **dict.fromkeys(("adamw_torch", "adamw_torch_fused", "adamw_torch_xla", "adamw_torch_npu_fused",
+                     "adamw_apex_fused", "stable_adamw", "schedule_free_adamw", "schedule_free_radam"), (2, None)),
+    **dict.fromkeys(("adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit"), (2, BNB_8BIT)),
+    **dict.fromkeys(("paged_adamw_32bit", "paged_adamw"), (2, 4)),
+    "adamw_torch_8bit": (2, 1 + 4 / 256), "adamw_torch_4bit": (2, 0.5 + 4 / 128),  # torchao block-wise states
+    **dict.fromkeys(("ademamix", "paged_ademamix_32bit"), (3, 4)),
+    **dict.fromkeys(("ademamix_8bit", "paged_ademamix_8bit"), (3, BNB_8BIT)),
+    **dict.fromkeys(("lion_32bit", "paged_lion_32bit", "rmsprop_bnb", "rmsprop_bnb_32bit"), (1, 4)),
+    **dict.fromkeys(("lion_8bit", "paged_lion_8bit", "rmsprop_bnb_8bit"), (1, BNB_8BIT)),
+    **dict.fromkeys(("rmsprop", "adagrad"), (1, None)),
+    "sgd": (0, None),  # TrainingArguments builds torch SGD without momentum unless optim_args set it
+    "schedule_free_sgd": (1, None),
+}  # fmt: skip
+DEFAULT_OPTIM = "adamw_torch_fused"  # TrainingArguments' default
+
+
+def optimizer_state(optim: str, param_bytes: float, hidden: int) -> tuple[float, str | None]:
+    """(bytes of optimizer state per trainable parameter, the assumption made when `optim` is not modelled).
+
+    `param_bytes` is the dtype of the parameters the optimizer steps (DeepSpeed: its fp32 partition).
+    """
+    if optim == "adafactor":
+        # Factored second moment (one fp32 value per row and per column of each matrix), no first moment
+        # (transformers' default beta1=None): about 2 x 4 bytes per `hidden` parameters.
+        return 8 / hidden, None
+    if optim in OPTIMIZERS:
+        states, size = OPTIMIZERS[optim]
+        return states * (param_bytes if size is None else size), None
+    return 2 * param_bytes, f"train.optim {optim} is not modelled: assumed AdamW's two states per parameter"
+
+
+def optimizer_step_temporaries(optim: str, param_bytes: float) -> float:
+    """Bytes per trainable parameter the step allocates on top of the states: torch's foreach AdamW
+    keeps one intermediate per parameter (torch.optim.AdamW docs); the fused and 8-bit kernels do not."""
+    return param_bytes if optim in ("adamw_torch", "adamw_torch_xla", "stable_adamw") else 0.0
+
+
+def deepspeed_settings(strategy: str, hidden: int) -> dict:
+    """The zero_optimization section (and whether it brings its own optimizer) of the DeepSpeed JSON that
+    `sftdist launch --strategy` passes, with "auto" filled the way transformers fills it."""
+    import json
+
+    from sftdist.launcher import config_paths
+
+    _, path = config_paths(strategy)
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    zero = dict(raw.get("zero_optimization", {}))
+    auto = {"reduce_bucket_size": hidden * hidden, "stage3_prefetch_bucket_size": 0.9 * hidden * hidden,
+            "stage3_param_persistence_threshold": 10 * hidden}  # fmt: skip
+    for key, value in auto.items():
+        if zero.get(key, "auto") == "auto":
+            zero[key] = value
+    zero.setdefault("stage3_max_live_parameters", 1_000_000_000)  # DeepSpeed's default
+    zero["own_optimizer"] = "optimizer" in raw
+    zero["file"] = str(path)
+    return zero
 
 
 @dataclass(frozen=True)
@@ -91,6 +160,8 @@ class Workload:
     batch: int
     seq: int
     checkpointing: bool
+    optim: str = DEFAULT_OPTIM
+    sequence_parallel: int = 1
 
 
 @dataclass(frozen=True)
@@ -107,6 +178,7 @@ class Estimate:
     act_full: float
     cpu: float
     checkpointing: bool
+    notes: tuple[str, ...] = ()  # assumptions this estimate rests on (e.g. an optimizer it does not model)
 
     @property
     def model_state(self) -> float:
@@ -138,17 +210,32 @@ class Plan:
     def world(self) -> int:
         return self.gpus * self.nodes
 
-    def margin(self, e: Estimate) -> float:
-        return self.gpu_memory - CUDA_RESERVE - e.total
+    @staticmethod
+    def reserve(e: Estimate) -> float:
+        """Memory no tensor can use: the CUDA context plus fragmentation that grows with the job."""
+        return CUDA_RESERVE + FRAGMENTATION.get(e.strategy, FRAGMENTATION_DEFAULT) * e.total
 
-    def fits(self, e: Estimate) -> bool:
-        if self.margin(e) < 0:
-            return False
+    def margin(self, e: Estimate) -> float:
+        return self.gpu_memory - self.reserve(e) - e.total
+
+    def cpu_ok(self, e: Estimate) -> bool:
         return e.cpu == 0 or (self.cpu_memory is not None and e.cpu <= self.cpu_memory)
+
+    def status(self, e: Estimate) -> str:
+        """"fits"; "tight" when the margin is inside the planner's uncertainty (UNCERTAINTY of the
+        estimate, the calibration table's spread); "no" when it is short or its CPU RAM is not known to suffice."""
+        if self.margin(e) < 0 or not self.cpu_ok(e):
+            return "no"
+        return "tight" if self.margin(e) < UNCERTAINTY * e.total else "fits"
 
     @property
     def recommended(self) -> Estimate | None:
-        return next((e for e in self.estimates if self.fits(e)), None)
+        """The fastest strategy that fits with room to spare, else the fastest that fits tightly."""
+        for wanted in ("fits", "tight"):
+            best = next((e for e in self.estimates if self.status(e) == wanted), None)
+            if best is not None:
+                return best
+        return None
 
 
 def _largest_layer_list(model: object) -> list:
@@ -159,6 +246,39 @@ def _largest_layer_list(model: object) -> list:
     if not lists:
         raise UserError(f"{type(model).__name__}: found no list of decoder layers to plan with")
     return list(max(lists, key=lambda ml: sum(p.numel() for p in ml.parameters())))
+
+
+SIZE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+
+
+def _check_size_fields(name_or_path: str, config: object) -> None:
+    """Refuse a config.json that leaves a size field out: transformers would fill it with its class default
+    (e.g. Llama's 4096 hidden units) and the plan would be for another model.
+
+    A field counts when the architecture's config class takes it (under its own name: GPT-2's n_embd);
+    a stored null is the architecture's own choice (GPT-2's n_inner: 4h) and is accepted.
+    """
+    import inspect
+    import json
+
+    from transformers.utils import cached_file
+
+    path = cached_file(name_or_path, "config.json")
+    raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    text_config = config.get_text_config()
+    if text_config is not config:
+        raw = raw.get("text_config", raw)
+    cls = type(text_config)
+    accepted = inspect.signature(cls.__init__).parameters
+    aliases = getattr(cls, "attribute_map", {})
+    for field_name in SIZE_FIELDS:
+        stored = aliases.get(field_name, field_name)
+        if stored in accepted and stored not in raw:
+            raise UserError(
+                f"{path}: missing '{stored}', a size of the model; add it from the model's published "
+                f"config.json (transformers would fill in {cls.__name__}'s default and the plan would be for "
+                "another model)"
+            )
 
 
 def _meta_model(recipe: Recipe) -> tuple[object, object]:
@@ -172,6 +292,7 @@ def _meta_model(recipe: Recipe) -> tuple[object, object]:
     check_model_path(m.name_or_path)
     try:
         config = AutoConfig.from_pretrained(m.name_or_path, trust_remote_code=m.trust_remote_code)
+        _check_size_fields(m.name_or_path, config)
         with torch.device("meta"):
             return config, AutoModelForCausalLM.from_config(config, trust_remote_code=m.trust_remote_code)
     except (OSError, ValueError, KeyError) as e:
@@ -270,6 +391,10 @@ def workload(recipe: Recipe) -> Workload:
     batch = t.get("per_device_train_batch_size", TRL_BATCH_SIZE)
     if not isinstance(batch, int) or batch < 1:
         raise UserError(f"{recipe.source}: train.per_device_train_batch_size is {batch!r}; expected a positive integer")
+    sp = recipe.sequence_parallel
+    if not isinstance(sp, int) or sp < 1:
+        raise UserError(f"{recipe.source}: sequence_parallel is {sp!r}; expected a positive integer")
+    optim = t.get("optim") or DEFAULT_OPTIM
     return Workload(
         loaded_bytes=loaded,
         autocast=autocast,
@@ -277,35 +402,68 @@ def workload(recipe: Recipe) -> Workload:
         batch=batch,
         seq=recipe.data.max_length,
         checkpointing=bool(t["activation_checkpointing"]),
+        optim=str(getattr(optim, "value", optim)),
+        sequence_parallel=sp,
     )
 
 
-def activation_bytes(recipe: Recipe, counts: ModelCounts, work: Workload) -> tuple[float, float]:
-    """(with, without) activation checkpointing, per GPU, for one micro-batch of batch x max_length tokens.
+def decoder_activation_bytes(recipe: Recipe, counts: ModelCounts, work: Workload) -> tuple[float, float]:
+    """(with, without) activation checkpointing: the decoder layers' peak live activations per GPU for one
+    micro-batch of batch x max_length tokens (split over `sequence_parallel` ranks), LM head excluded.
 
     Korthikanti et al. 2022 (arXiv:2205.05198, sec. 4.1) count the tensors autograd saves per layer;
-    the same count for this layer shape (GQA widths, gated or plain MLP, sdpa/flash attention that
-    keeps no s x s scores) is, in activation-sized values per token:
-      attention 2h + 3*q_width + 2*kv_width (norm input, q/k/v input, q, k, v, attention output, o_proj input)
-      MLP       2h + 4i gated (norm input, up/gate input, gate, up, act(gate), product) or 2h + 2i plain
-    For GPT-2 (i = 4h, dropout aside) that is 34sbh bytes per layer in fp16, their equation (1) without
-    the attention-score term, which is added back for eager attention. Checkpointing keeps each
-    layer's input (h) and recomputes one layer at a time (their "full recomputation", 2sbhL).
+    the same count for transformers' decoder layer (GQA widths, gated or plain MLP, sdpa/flash attention
+    that keeps no s x s scores) is, in activation-sized values per token:
+      norms     2 x n: each saves its input (an fp32 copy, 2 values, under 16-bit activations), its
+                output for the next linear, and with trained weights its normalised input: n = 2-5
+      attention 3*q_width + 2*kv_width (q, k, v after RoPE, attention output, o_proj input)
+      MLP       4i gated (gate, up, act(gate), product) or 2i plain (fc output, activation)
+    and the backward holds the gradients of the layer it is processing on top of that: 2i (the MLP's
+    intermediate gradients; measured 1.5-2.3i on the CPU). Checkpointing keeps each layer's
+    input (h) and recomputes one layer at a time (their "full recomputation", 2sbhL). Measured on the CPU
+    against real forward+backward peaks in tests/test_plan.py.
     """
     c, h = work.act_bytes, counts.hidden
-    tokens = work.batch * work.seq
-    mlp = 2 * h + (4 if counts.gated_mlp else 2) * counts.intermediate
-    per_layer = c * (2 * h + 3 * counts.q_width + 2 * counts.kv_width + mlp)
+    tokens = work.batch * work.seq / work.sequence_parallel
+    # A norm saves its input upcast to fp32 (2 values under 16-bit activations), its output for the next
+    # linear, and for a trained weight the normalised input in the weights' dtype (fp32 under autocast).
+    norm = (2 if c == 2 else 1) + 1
+    if recipe.method == "full":
+        norm += 2 if c == 2 and work.loaded_bytes == 4 else 1
+    mlp = (4 if counts.gated_mlp else 2) * counts.intermediate
+    per_layer = c * (2 * norm * h + 3 * counts.q_width + 2 * counts.kv_width + mlp)
     if recipe.model.attn_implementation == "eager":
         per_layer += c * 2 * counts.heads * work.seq  # scores and probabilities
     if recipe.method != "full":
         per_layer += c * recipe.lora.r * counts.lora_modules  # lora_A output, kept for lora_B
         if recipe.lora.dropout > 0:  # each adapter keeps its own dropped-out copy of its input and the mask
             per_layer += (c + 1) * counts.lora_inputs
-    head = tokens * (c * 2 * h + PER_TOKEN_OUTPUTS) + 4 * LOGPROB_TILE_TOKENS * min(counts.vocab, LOGPROB_TILE_VOCAB)
-    full = tokens * counts.layers * per_layer + head
-    ckpt = tokens * (counts.layers * c * h + per_layer) + head
+    backward = c * 2 * counts.intermediate
+    full = tokens * (counts.layers * per_layer + backward)
+    ckpt = tokens * (counts.layers * c * h + per_layer + backward)
     return float(ckpt), float(full)
+
+
+def activation_bytes(recipe: Recipe, counts: ModelCounts, work: Workload) -> tuple[float, float]:
+    """(with, without) checkpointing: the decoder's activations plus trl's fused LM head, which never
+    materialises the tokens x vocab logits: final hidden states, per-token outputs, one fp32 tile."""
+    ckpt, full = decoder_activation_bytes(recipe, counts, work)
+    tokens = work.batch * work.seq / work.sequence_parallel
+    head = tokens * (work.act_bytes * 2 * counts.hidden + PER_TOKEN_OUTPUTS)
+    head += 4 * LOGPROB_TILE_TOKENS * min(counts.vocab, LOGPROB_TILE_VOCAB)
+    return ckpt + head, full + head
+
+
+def fsdp2_reshards_after_forward() -> bool:
+    """fsdp_reshard_after_forward of the shipped FSDP2 accelerate config (false keeps every gathered
+    layer until the backward, like ZeRO-2)."""
+    import yaml
+
+    from sftdist.launcher import config_paths
+
+    acc, _ = config_paths("fsdp2")
+    cfg = yaml.safe_load(acc.read_text(encoding="utf-8")) or {}
+    return bool((cfg.get("fsdp_config") or {}).get("fsdp_reshard_after_forward", True))
 
 
 def estimate(recipe: Recipe, counts: ModelCounts, work: Workload, strategy: str, world: int, nodes: int) -> Estimate:
@@ -325,16 +483,30 @@ def estimate(recipe: Recipe, counts: ModelCounts, work: Workload, strategy: str,
         tw = 2
     fw = 0 if recipe.method == "full" else 2 if ds_cast else work.loaded_bytes  # frozen, not quantized
 
-    def weight_bytes(total: int, trainable: int, quantized: int, trainable_bytes: float) -> float:
+    def weight_bytes(total: float, trainable: float, quantized: float, trainable_bytes: float) -> float:
         return trainable * trainable_bytes + quantized * q_bytes + (total - trainable - quantized) * fw
 
     t = counts.trainable
     all_w = weight_bytes(counts.total, t, counts.quantized, tw)
     grads = t * tw
-    opt = t * 12 if ds else t * 2 * tw  # DeepSpeed: fp32 master + m + v; torch AdamW: m + v in the param dtype
+    notes: list[str] = []
+    zero = deepspeed_settings(strategy, counts.hidden) if ds else {}
+    if zero.get("own_optimizer"):
+        # The DeepSpeed JSON names its optimizer (AdamW): the HF Trainer's train.optim is not used.
+        state, note = optimizer_state("adamw_torch", 4, counts.hidden)
+        if work.optim != DEFAULT_OPTIM:
+            notes.append(f"train.optim {work.optim} is replaced by the AdamW of {zero['file']}")
+    else:
+        # DeepSpeed steps the client optimizer on its fp32 partition; torch/FSDP2 on the parameters' dtype.
+        state, note = optimizer_state(work.optim, 4 if ds else tw, counts.hidden)
+    if note:
+        notes.append(note)
+    opt = t * (4 + state if ds else state)  # DeepSpeed adds its fp32 master copy
+    temporaries = t * optimizer_step_temporaries(work.optim, 4 if ds else tw)
     dequant = c * counts.largest_quantized
-    bucket = c * counts.hidden**2  # reduce_bucket_size "auto" = hidden^2 elements
-    step = 4 * t / n if ds and work.autocast else 0.0
+    bucket = c * zero.get("reduce_bucket_size", counts.hidden**2)
+    # After the backward (activations freed): DeepSpeed's fp32 gradient partition, the optimizer's temporaries.
+    step = (4 * t / n if ds and work.autocast else 0.0) + temporaries / (n if strategy in ("fsdp2", "zero3") else 1)
     cpu = 0.0
     if strategy in ("single", "ddp"):
         w, g, o = all_w, grads, opt
@@ -345,22 +517,27 @@ def estimate(recipe: Recipe, counts: ModelCounts, work: Workload, strategy: str,
         w, g, o, buffers = all_w, grads / n, opt / n, dequant + bucket
     elif strategy == "fsdp2":
         # Gathered in the compute dtype: the root (never resharded between forward and backward), the current
-        # and the prefetched layer, and one layer's unsharded gradients before the reduce-scatter.
+        # and the prefetched layer, and one layer's unsharded gradients before the reduce-scatter. Without
+        # resharding after forward, every layer stays gathered until its backward.
         gathered = weight_bytes(counts.layer_total, counts.layer_trainable, counts.layer_quantized, c)
+        layers = 2 if fsdp2_reshards_after_forward() else counts.layers
         root = counts.outside_layers * (fw or c)
         w, g, o = all_w / n, grads / n, opt / n
-        buffers = dequant + root + 2 * gathered + c * counts.layer_trainable
+        buffers = dequant + root + layers * gathered + c * counts.layer_trainable
     else:
-        # DeepSpeed's estimate_zero3_model_states_mem_needs: the largest module's parameters and gradients
-        # gathered, plus the prefetch (0.9 h^2) and reduce buckets.
-        buffers = dequant + 2 * c * counts.largest_module + 0.9 * bucket + bucket
+        # ZeRO-3 keeps up to stage3_max_live_parameters elements gathered, elements of the stored 16-bit
+        # tensors (QLoRA's packed 4-bit weights included: four per element), plus the prefetch bucket,
+        # the largest module's gradients and the reduce bucket.
+        stored = weight_bytes(counts.total, t, counts.quantized, c)
+        gathered = min(c * float(zero["stage3_max_live_parameters"]), stored)
+        buffers = dequant + gathered + c * zero["stage3_prefetch_bucket_size"] + c * counts.largest_module + bucket
         if strategy == "zero3":
             w, g, o = all_w / n, grads / n, opt / n
         else:
             w = g = o = step = 0.0
-            cpu = (all_w + t * 4 + opt) / nodes  # every local rank's params, fp32 grads, master + m + v
+            cpu = (all_w + t * 4 + opt) / nodes  # every local rank's params, fp32 grads, master + states
     act_ckpt, act_full = activation_bytes(recipe, counts, work)
-    return Estimate(strategy, w, g, o, buffers, step, act_ckpt, act_full, cpu, work.checkpointing)
+    return Estimate(strategy, w, g, o, buffers, step, act_ckpt, act_full, cpu, work.checkpointing, tuple(notes))
 
 
 def make_plan(
@@ -380,9 +557,45 @@ def make_plan(
     counts = counts or count_model(recipe)
     work = workload(recipe)
     world = gpus * nodes
+    if world % work.sequence_parallel:
+        raise UserError(
+            f"{recipe.source}: sequence_parallel {work.sequence_parallel} does not divide the {world} GPU(s) in all; "
+            f"expected one of {', '.join(map(str, sp_options(counts, world)))}"
+        )
     names = ("single", "zero3-offload") if world == 1 else STRATEGIES[1:]
     estimates = [estimate(recipe, counts, work, s, world, nodes) for s in names]
     return Plan(recipe, counts, work, gpus, nodes, gpu_memory_bytes, cpu_memory_bytes, estimates)
+
+
+def sp_options(counts: ModelCounts, world: int) -> list[int]:
+    """Sequence-parallel sizes for `world` GPUs: divisors of the world that also divide the attention heads
+    (Ulysses gives each rank whole heads)."""
+    return [n for n in range(1, world + 1) if world % n == 0 and counts.heads % n == 0]
+
+
+def with_sequence_parallel(plan: Plan, n: int) -> Plan:
+    """The same plan with each sample split over n ranks: activations / n, model state unchanged."""
+    recipe = dataclasses.replace(plan.recipe, sequence_parallel=n)
+    return make_plan(recipe, plan.gpus, plan.gpu_memory, plan.nodes, plan.cpu_memory, plan.counts)
+
+
+def one_sample(plan: Plan) -> Plan:
+    """The plan for one sample at max_length per micro-batch, with checkpointing: the least a rank can hold."""
+    train = {k: v for k, v in plan.recipe.train.items() if k != "gradient_checkpointing"}
+    train.update(activation_checkpointing=True, per_device_train_batch_size=1)
+    recipe = dataclasses.replace(plan.recipe, train=train)
+    return make_plan(recipe, plan.gpus, plan.gpu_memory, plan.nodes, plan.cpu_memory, plan.counts)
+
+
+def smallest_sp(plan: Plan) -> tuple[int, Plan] | None:
+    """When one sample at max_length does not fit on one rank, the smallest sequence_parallel that fits."""
+    if one_sample(plan).recommended is not None:
+        return None
+    for n in sp_options(plan.counts, plan.world)[1:]:
+        alt = one_sample(with_sequence_parallel(plan, n))
+        if alt.recommended is not None:
+            return n, alt
+    return None
 
 
 def _gib(x: float) -> str:
@@ -406,32 +619,82 @@ def format_plan(plan: Plan) -> str:
         trained = f"{_count(k.total)} parameters, all trained"
     else:
         trained = f"{_count(k.total - k.trainable)} parameters + {_count(k.trainable)} trained LoRA parameters"
+    sp = f", each split over {w.sequence_parallel} GPUs (sequence_parallel)" if w.sequence_parallel > 1 else ""
     lines = [
-        f"model: {r.model.name_or_path} ({k.model_type}, {trained}; method {r.method})",
-        f"micro-batch: {w.batch} x {w.seq} tokens per GPU; {prec}; activations {w.act_bytes} bytes/value; "
+        f"model: {r.model.name_or_path} ({k.model_type}, {trained}; method {r.method}; optimizer {w.optim})",
+        f"micro-batch: {w.batch} x {w.seq} tokens per GPU{sp}; {prec}; activations {w.act_bytes} bytes/value; "
         f"gradient checkpointing {'on' if w.checkpointing else 'off'} (train.gradient_checkpointing)",
-        f"cluster: {plan.nodes} node(s) x {plan.gpus} GPU(s) x {_gib(plan.gpu_memory)} GiB; "
-        f"{_gib(CUDA_RESERVE)} GiB per GPU kept for the CUDA context; figures in {unit} per GPU",
+        f"cluster: {plan.nodes} node(s) x {plan.gpus} GPU(s) x {_gib(plan.gpu_memory)} GiB; reserve per GPU: "
+        f"{_gib(CUDA_RESERVE)} GiB for the CUDA context + {FRAGMENTATION_DEFAULT:.0%} of the total "
+        f"({FRAGMENTATION['zero3']:.0%} for fsdp2/zero3) for fragmentation; figures in {unit} per GPU",
         "",
         f"{'strategy':<14}{'weights':>9}{'grads':>8}{'optim':>8}{'buffers':>9}{'act ckpt':>10}{'act full':>10}"
         f"{'total':>8}{'margin':>8}  {'CPU/node':>8}  fits",
     ]
     for e in plan.estimates:
         cpu = cell(e.cpu, 8) if e.cpu else f"{'-':>8}"
-        fits = "yes" if plan.fits(e) else ("no: CPU RAM unknown (--cpu-memory)" if plan.margin(e) >= 0 else "no")
+        status = plan.status(e)
+        fits = {"fits": "yes", "tight": "tight"}.get(status, "no")
+        if status == "no" and plan.margin(e) >= 0:
+            fits = "no: CPU RAM unknown (--cpu-memory)" if plan.cpu_memory is None else "no: CPU RAM too small"
         lines.append(
             f"{e.strategy:<14}{cell(e.weights, 9)}{cell(e.grads, 8)}{cell(e.optimizer, 8)}{cell(e.buffers, 9)}"
             f"{cell(e.act_ckpt, 10)}{cell(e.act_full, 10)}{cell(e.total, 8)}{cell(plan.margin(e), 8)}  {cpu}  {fits}"
         )
+    notes = dict.fromkeys(note for e in plan.estimates for note in e.notes)
+    lines.extend(f"assumption: {note}" for note in notes)
     best = plan.recommended
     lines.append("")
     if best is not None:
-        lines.append(
-            f"recommended: {best.strategy} (margin {_gib(plan.margin(best))} GiB per GPU): the fastest that fits "
-            f"(order: {', '.join(e.strategy for e in plan.estimates)})"
-        )
+        if plan.status(best) == "tight":
+            lines.append(
+                f"recommended: {best.strategy}, but tight: margin {_gib(plan.margin(best))} GiB per GPU is within "
+                f"the planner's {UNCERTAINTY:.0%} uncertainty; nothing fits with room to spare "
+                f"(order: {', '.join(e.strategy for e in plan.estimates)})"
+            )
+        else:
+            lines.append(
+                f"recommended: {best.strategy} (margin {_gib(plan.margin(best))} GiB per GPU): the fastest that fits "
+                f"(order: {', '.join(e.strategy for e in plan.estimates)})"
+            )
+            faster = [e for e in plan.estimates[: plan.estimates.index(best)] if plan.status(e) == "tight"]
+            if faster:
+                lines.append(
+                    f"note: {faster[0].strategy} is faster but tight (margin {_gib(plan.margin(faster[0]))} GiB, "
+                    f"within the planner's {UNCERTAINTY:.0%} uncertainty)"
+                )
         lines.extend(_checkpointing_hints(plan, best))
+    lines.extend(_sequence_parallel_lines(plan))
     return "\n".join(lines)
+
+
+def _sequence_parallel_lines(plan: Plan) -> list[str]:
+    """On several GPUs: what each sequence_parallel size gives for one sample at max_length per rank."""
+    options = sp_options(plan.counts, plan.world)
+    if len(options) < 2:
+        return []
+    parts = []
+    for n in options:
+        alt = one_sample(with_sequence_parallel(plan, n))
+        best = alt.recommended
+        act = _gib(best.act_ckpt if best else min(e.act_ckpt for e in alt.estimates))
+        outcome = "nothing fits"
+        if best is not None:
+            outcome = f"{best.strategy} {_fit_word(alt, best)}, margin {_gib(alt.margin(best))}"
+        parts.append(f"{n}: activations {act} GiB ({outcome})")
+    lines = [
+        f"sequence_parallel options (one {plan.work.seq}-token sample per micro-batch, checkpointing on, "
+        f"per GPU): " + "; ".join(parts)
+    ]
+    found = smallest_sp(plan)
+    if found is not None:
+        lines.append(f"hint: one {plan.work.seq}-token sample does not fit on one GPU; sequence_parallel: {found[0]} "
+                     "is the smallest that fits")  # fmt: skip
+    return lines
+
+
+def _fit_word(plan: Plan, e: Estimate) -> str:
+    return "fits" if plan.status(e) == "fits" else "tight"
 
 
 def _with_checkpointing(plan: Plan, on: bool) -> Plan:
@@ -464,21 +727,21 @@ def _min_world(plan: Plan, strategy: str) -> int | None:
     """Fewest GPUs in all at which `strategy` fits, or None if its unsharded part alone is too big."""
     for world in range(2, 4097):
         e = estimate(plan.recipe, plan.counts, plan.work, strategy, world, 1)
-        if plan.gpu_memory - CUDA_RESERVE - e.total >= 0:
+        if plan.gpu_memory - plan.reserve(e) - e.total >= 0:
             return world
     return None
 
 
 def _closest(plan: Plan) -> Estimate:
     """The estimate nearest to fitting among those whose CPU RAM need is known to be met."""
-    met = [e for e in plan.estimates if e.cpu == 0 or (plan.cpu_memory is not None and e.cpu <= plan.cpu_memory)]
+    met = [e for e in plan.estimates if plan.cpu_ok(e)]
     return min(met or plan.estimates, key=lambda e: e.total)
 
 
 def _outcome(plan: Plan) -> str:
     best = plan.recommended
     if best is not None:
-        return f"{best.strategy} fits, margin {_gib(plan.margin(best))} GiB"
+        return f"{best.strategy} {_fit_word(plan, best)}, margin {_gib(plan.margin(best))} GiB"
     e = _closest(plan)
     return f"still {_gib(-plan.margin(e))} GiB short with {e.strategy}"
 
@@ -505,9 +768,13 @@ def no_fit_error(plan: Plan) -> UserError:
     world = _min_world(_with_checkpointing(plan, True), "zero3")
     if world is not None and world > plan.world:
         tries.append(f"{world} GPUs in all with zero3 and checkpointing")
+    found = smallest_sp(plan)
+    if found is not None:
+        n, alt = found
+        tries.append(f"sequence_parallel: {n} with micro-batch 1 and checkpointing: {_outcome(alt)}")
     tries.append("a smaller data.max_length")
     offload = next((e for e in plan.estimates if e.strategy == "zero3-offload"), None)
-    if offload is not None and plan.margin(offload) >= 0 and not plan.fits(offload):
+    if offload is not None and plan.margin(offload) >= 0 and not plan.cpu_ok(offload):
         tries.append(f"zero3-offload, if each node has {_gib(offload.cpu)} GiB of CPU RAM (--cpu-memory)")
     return UserError(
         f"{r.source}: no strategy fits method {r.method} of {r.model.name_or_path} ({_count(plan.counts.total)} "
@@ -516,15 +783,71 @@ def no_fit_error(plan: Plan) -> UserError:
     )
 
 
-def recommend_strategy(
+def choose_strategy(
     recipe: Recipe, gpus: int, gpu_memory_bytes: int, nodes: int = 1, cpu_memory_bytes: int | None = None
-) -> str:
-    """The fastest strategy that fits (for `sftdist launch --strategy auto`); UserError when none does.
-
-    zero3-offload is only chosen when the CPU RAM per node is given and large enough.
-    """
+) -> tuple[str, str]:
+    """(strategy, why) for `sftdist launch --strategy auto`: the fastest that fits; UserError when none does."""
     plan = make_plan(recipe, gpus, gpu_memory_bytes, nodes, cpu_memory_bytes)
     best = plan.recommended
     if best is None:
         raise no_fit_error(plan)
-    return best.strategy
+    order = [e.strategy for e in plan.estimates]
+    skipped = [e for e in plan.estimates[: order.index(best.strategy)]]
+    why = (
+        f"planned {_gib(best.total)} GiB + {_gib(plan.reserve(best))} GiB reserve per GPU of "
+        f"{_gib(plan.gpu_memory)} GiB on {plan.world} GPU(s), margin {_gib(plan.margin(best))} GiB"
+    )
+    if plan.status(best) == "tight":
+        why += f" (tight: within the planner's {UNCERTAINTY:.0%} uncertainty)"
+    if skipped:
+        why += "; faster but " + ", ".join(
+            f"{e.strategy} {'tight' if plan.status(e) == 'tight' else f'short by {_gib(-plan.margin(e))} GiB'}"
+            if plan.margin(e) < 0 or plan.status(e) == "tight" else f"{e.strategy} needs CPU RAM"
+            for e in skipped
+        )
+    return best.strategy, why
+
+
+def recommend_strategy(
+    recipe: Recipe, gpus: int, gpu_memory_bytes: int, nodes: int = 1, cpu_memory_bytes: int | None = None
+) -> str:
+    """The fastest strategy that fits; UserError when none does.
+
+    zero3-offload is only chosen when the CPU RAM per node is given and large enough.
+    """
+    return choose_strategy(recipe, gpus, gpu_memory_bytes, nodes, cpu_memory_bytes)[0]
+
+
+def auto_strategy(
+    recipe: Recipe, gpus: int, num_processes: int | None, num_machines: int, gpu_memory_bytes: int | None
+) -> tuple[str, int, str]:
+    """(strategy, processes per machine, why) for `sftdist launch --strategy auto`.
+
+    On GPUs: every visible GPU (or --num-processes of them), each with the smallest visible GPU's
+    memory unless --gpu-memory says otherwise, and this machine's RAM for zero3-offload. Without a
+    GPU: --num-processes is required, each process is planned as a device holding an equal share of
+    this machine's RAM (or --gpu-memory), in fp32 as sftdist trains on CPU, and offload is never chosen
+    (there is no device memory to relieve).
+    """
+    import psutil
+
+    ram = psutil.virtual_memory().total
+    if gpus:
+        import torch
+
+        processes = num_processes or gpus
+        memory = gpu_memory_bytes or min(torch.cuda.get_device_properties(i).total_memory for i in range(gpus))
+        cpu_memory: int | None = ram
+        where = f"{processes} GPU(s) per machine"
+    else:
+        if num_processes is None:
+            raise UserError("--strategy auto: no GPU is visible; pass --num-processes N (processes per machine)")
+        processes = num_processes
+        memory = gpu_memory_bytes or ram // processes
+        cpu_memory = None
+        where = f"{processes} CPU process(es) per machine, each planned with {_gib(memory)} GiB of this machine's RAM"
+        train = {k: v for k, v in recipe.train.items() if k not in ("bf16", "fp16")}
+        model = recipe.model if recipe.model.dtype != "auto" else dataclasses.replace(recipe.model, dtype="float32")
+        recipe = dataclasses.replace(recipe, model=model, train={**train, "bf16": False})
+    strategy, why = choose_strategy(recipe, processes, memory, num_machines, cpu_memory)
+    return strategy, processes, f"{where}: {why}"

@@ -115,6 +115,8 @@ class Recipe:
     output_dir: str = "runs/sft"
     # Largest safetensors file in checkpoints and the final model (e.g. "5GB", "500MB").
     max_shard_size: str = "5GB"
+    # Processes that share each sample (sequence parallelism); the data-parallel size is world / N.
+    sequence_parallel: int = 1
     source: str = field(default="", metadata={"internal": True})
 
     def to_dict(self) -> dict[str, Any]:
