@@ -223,11 +223,28 @@ def test_a_two_process_launch_builds_once_and_the_entry_does_not_depend_on_the_p
 ):
     run = trained(tmp_path_factory, tiny_model, demo_rows, "full", "ddp")
     log = (run.parent / "launch.log").read_text()
-    assert log.count("building the data cache") == 1 and log.count("data cache built") == 1, log
-    assert "rank 1 waiting for the data cache" in log and "rank 1 data cache waited" in log, log
+    # Rank 0 (local rank 0) built it; rank 1 waited for it or, if it came late, found it complete.
+    assert log.count("building the data cache") == 1 and log.count("rank 0 data cache built") == 1, log
+    assert "rank 1 data cache waited" in log or "rank 1 data cache hit" in log, log
     cache = run.parent / "cache"
     (entry,) = [p for p in cache.iterdir() if p.is_dir()]
     # One process, same recipe, same cache: the entry the 2-process launch built is the one it uses.
     proc = run_cli("prepare", str(run.parent / "recipe.yaml"), env={"SFTDIST_CACHE": str(cache)})
     assert proc.returncode == 0, proc.stderr
     assert f"data cache hit: {entry}" in proc.stdout
+
+
+def test_other_local_ranks_wait_for_the_files_then_read_the_entry(tmp_path, tiny_model, demo_rows):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(_recipe(tiny_model, demo_rows, tmp_path / "cache")))
+    env = {**os.environ, "RANK": "1", "LOCAL_RANK": "1"}
+    waiter = subprocess.Popen([sys.executable, "-m", "sftdist", "prepare", str(recipe)], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = waiter.stdout.readline()  # it says what it waits for, and builds nothing
+    assert f"rank 1 waiting for the data cache {tmp_path / 'cache'}" in first and waiter.poll() is None
+    built = run_cli("prepare", str(recipe))
+    assert "data cache built" in built.stdout
+    out, _ = waiter.communicate(timeout=120)
+    assert waiter.returncode == 0
+    (entry,) = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+    assert f"rank 1 data cache waited: {entry}" in out and "building" not in out
