@@ -144,7 +144,9 @@ def plan_launch(
     """
     from sftdist.recipe import load_recipe
 
-    load_recipe(recipe, overrides)  # a bad recipe fails here, before any process starts
+    from sftdist import seqpar
+
+    loaded = load_recipe(recipe, overrides)  # a bad recipe fails here, before any process starts
     gpus = visible_gpus() if gpus is None else gpus
     on_cpu = gpus == 0
     acc_cfg, ds_cfg = config_paths(strategy)
@@ -174,6 +176,7 @@ def plan_launch(
         raise UserError(f"unexpected argument '{accelerate_args[0]}'; `accelerate launch` options go after --")
     if num_machines > 1 and not main_process_ip:
         raise UserError("--num-machines > 1 needs --main-process-ip (the address of the machine with rank 0)")
+    seqpar.check(loaded, kind, num_processes * num_machines, strategy)
     argv = ["--config_file", str(acc_cfg), "--num_processes", str(num_processes * num_machines),
             "--num_machines", str(num_machines)]
     if num_machines > 1:

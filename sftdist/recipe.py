@@ -110,6 +110,8 @@ class Recipe:
     output_dir: str = "runs/sft"
     # Largest safetensors file in checkpoints and the final model (e.g. "5GB", "500MB").
     max_shard_size: str = "5GB"
+    # Processes that share each sample (DeepSpeed Ulysses, see seqpar.py); data-parallel size = world / this.
+    sequence_parallel: int = 1
     source: str = field(default="", metadata={"internal": True})
 
     def to_dict(self) -> dict[str, Any]:
@@ -259,6 +261,8 @@ def validate(recipe: Recipe) -> Recipe:
         raise UserError(f"{src}: data.eval_fraction is {recipe.data.eval_fraction}; expected 0 <= x < 1")
     if recipe.data.max_length < 8:
         raise UserError(f"{src}: data.max_length is {recipe.data.max_length}; expected at least 8")
+    if recipe.sequence_parallel < 1:
+        raise UserError(f"{src}: sequence_parallel is {recipe.sequence_parallel}; expected at least 1")
     from sftdist.data.templates import CHAT_TEMPLATES, PROMPT_TEMPLATES
 
     if recipe.data.template not in PROMPT_TEMPLATES:

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sftdist import checkpoint, distributed, fast_head
+from sftdist import checkpoint, distributed, fast_head, seqpar
 from sftdist.errors import UserError
 from sftdist.recipe import Recipe, check_train_keys
 
@@ -67,6 +67,7 @@ def build_sft_config(recipe: Recipe) -> Any:
     kwargs = {
         **train,
         **hardware,
+        **seqpar.training_overrides(recipe),
         "output_dir": recipe.output_dir,
         "max_length": recipe.data.max_length,
         "packing": recipe.data.packing,
@@ -105,6 +106,7 @@ def run_training(recipe: Recipe, resume: bool = True, overwrite: bool = False) -
         peft_config=lora_config(recipe) if recipe.method in ("lora", "qlora") else None,
     )
     fast_head.install(trainer)  # CPU: trl's fused head scores every position and attends across the flat batch
+    seqpar.install(trainer)  # the loss's gradient is N times too large under sequence parallelism N
     state = distributed.check_state(trainer)
     if trainer.is_world_process_zero():
         print(f"sftdist: {json.dumps(state)}", flush=True)

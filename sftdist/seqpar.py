@@ -1,0 +1,112 @@
+"""Sequence parallelism (`sequence_parallel: N`): N processes share every sample, each holding 1/N of its tokens.
+
+Gap filled: transformers, trl and accelerate already run DeepSpeed's Ulysses (ALST) when the trainer is given an
+accelerate `ParallelismConfig(sp_size=N, sp_backend="deepspeed")`: the dataloader adapter splits each batch along
+the sequence, the attention swaps heads for tokens with two all-to-alls, and the trainer weights each rank's loss
+by its loss tokens. What they leave to the caller is deciding whether a run can do that at all: only under
+DeepSpeed, with a world size that N divides, with sequences padded to a multiple of N, and (our finding, see
+README "Long samples") not with packed rows under `sdpa`, because Ulysses drops the attention mask and attends
+causally over the whole gathered row, so packed samples would see each other. Those checks run in the launcher
+(before any process starts) and again in every rank.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from sftdist.errors import UserError
+from sftdist.recipe import Recipe
+
+# Attention implementations that keep packed samples apart under Ulysses: they split the gathered row at the
+# sequence boundaries given by position_ids; sdpa would run one causal attention over the whole row.
+PACKING_SAFE_ATTENTION = ("flash_attention_2", "flash_attention_3")
+
+
+def check(recipe: Recipe, kind: str | None, world_size: int, strategy: str | None = None) -> None:
+    """Refuse a recipe with `sequence_parallel > 1` that cannot run as asked, naming what to use instead.
+
+    `kind` is the launched distributed type ('deepspeed', 'ddp', 'fsdp', 'single', or None for a plain
+    process) and `world_size` the total number of processes.
+    """
+    n = recipe.sequence_parallel
+    if n == 1:
+        return
+    src = recipe.source or "recipe"
+    how = f"--strategy {strategy}" if strategy else f"this launch ({kind or 'one process'})"
+    if kind != "deepspeed":
+        raise UserError(
+            f"{src}: sequence_parallel: {n} runs on DeepSpeed's Ulysses, but {how} is not DeepSpeed; "
+            f"use --strategy zero1, zero2 or zero3 with --num-processes a multiple of {n}"
+        )
+    if world_size % n:
+        raise UserError(
+            f"{src}: sequence_parallel: {n} needs a number of processes that {n} divides (each sample is shared "
+            f"by {n}); got {world_size}"
+        )
+    from sftdist.model import resolve_attention
+
+    impl = resolve_attention(recipe)
+    if recipe.data.packing and impl not in PACKING_SAFE_ATTENTION:
+        raise UserError(
+            f"{src}: sequence_parallel: {n} with data.packing: true needs model.attn_implementation "
+            f"{' or '.join(PACKING_SAFE_ATTENTION)} (Ulysses under {impl} attends across the whole packed row, "
+            "so packed samples would see each other); set data.packing: false"
+        )
+
+
+def training_overrides(recipe: Recipe) -> dict[str, Any]:
+    """SFTConfig kwargs for sequence parallelism (none when `sequence_parallel` is 1), after checking this rank."""
+    n = recipe.sequence_parallel
+    if n == 1:
+        return {}
+    from accelerate.parallelism_config import ParallelismConfig
+    from accelerate.utils import DeepSpeedSequenceParallelConfig
+
+    from sftdist import distributed
+    from sftdist.model import has_cuda, resolve_attention
+
+    launched = distributed._launched_type()
+    check(recipe, launched.lower() if launched else None, int(os.environ.get("WORLD_SIZE", "1")))
+    # DeepSpeed's dataloader adapter all-gathers every rank's batch, then cuts each into N equal slices: the
+    # length must be a multiple of N, and gloo (CPU) cannot all-gather tensors of different lengths, so there
+    # every batch is padded to the same length (max_length, rounded up to a multiple of N).
+    handler = DeepSpeedSequenceParallelConfig(sp_seq_length_is_variable=True,
+                                              sp_attn_implementation=resolve_attention(recipe))
+    return {
+        "parallelism_config": ParallelismConfig(sp_size=n, sp_backend="deepspeed", sp_handler=handler),
+        "pad_to_multiple_of": n if has_cuda() else -(-recipe.data.max_length // n) * n,
+    }
+
+
+def install(trainer: Any) -> bool:
+    """Fix the gradient scale of `trainer` under sequence parallelism; True if it runs with SP.
+
+    Gap filled (transformers 5.24 + DeepSpeed 0.19.8, measured in tests/test_sequence_parallel.py): under Ulysses
+    every SP rank computes the whole sample's loss from all ranks' shard losses (`deepspeed_sp_compute_loss`, a
+    differentiable all_gather whose backward sums the N ranks' gradients), and DeepSpeed then sums the gradients of
+    the N ranks of an SP group again, dividing only by the data-parallel size. The loss is right, its gradient is
+    N times too large: grad_norm reads N x, and the update is N x too large unless clipping or Adam hide it. The
+    loss value is kept (it is what gets logged); only the gradient flowing back from it is divided by N.
+    """
+    pc = getattr(trainer.accelerator, "parallelism_config", None)
+    if pc is None or pc.sp_size == 1:
+        return False
+    scale = 1.0 / pc.sp_size
+    compute_loss = trainer.compute_loss
+
+    def scaled_compute_loss(model: Any, inputs: Any, return_outputs: bool = False, **kwargs: Any) -> Any:
+        result = compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+        if not model.training:
+            return result
+        if return_outputs:
+            return _scale_gradient(result[0], scale), result[1]
+        return _scale_gradient(result, scale)
+
+    trainer.compute_loss = scaled_compute_loss
+    return True
+
+
+def _scale_gradient(loss: Any, scale: float) -> Any:
+    """`loss` with the same value, whose gradient is multiplied by `scale`."""
+    return loss * scale + (loss * (1.0 - scale)).detach()
