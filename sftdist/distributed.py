@@ -82,6 +82,10 @@ def check_state(trainer: Any) -> dict[str, Any]:
     acc = trainer.accelerator
     args = trainer.args
     expected = int(os.environ.get("WORLD_SIZE", "1"))
+    pc = getattr(acc, "parallelism_config", None)
+    # Under sequence parallelism N processes share each sample: the batch is counted once per N processes.
+    sequence_parallel = pc.sp_size if pc is not None else 1
+    data_parallel = acc.num_processes // sequence_parallel
     state: dict[str, Any] = {
         "distributed_type": acc.distributed_type.name,
         "num_processes": acc.num_processes,
@@ -90,7 +94,9 @@ def check_state(trainer: Any) -> dict[str, Any]:
         "device": str(acc.device),
         "per_device_train_batch_size": args.per_device_train_batch_size,
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
-        "global_batch": args.per_device_train_batch_size * args.gradient_accumulation_steps * acc.num_processes,
+        "sequence_parallel": sequence_parallel,
+        "data_parallel": data_parallel,
+        "global_batch": args.per_device_train_batch_size * args.gradient_accumulation_steps * data_parallel,
     }
     if acc.distributed_type.name == "DEEPSPEED":
         state["zero_stage"] = acc.state.deepspeed_plugin.zero_stage

@@ -84,14 +84,23 @@ def install(trainer: Any) -> bool:
 
     Gap filled (transformers 5.24 + DeepSpeed 0.19.8, measured in tests/test_sequence_parallel.py): under Ulysses
     every SP rank computes the whole sample's loss from all ranks' shard losses (`deepspeed_sp_compute_loss`, a
-    differentiable all_gather whose backward sums the N ranks' gradients), and DeepSpeed then sums the gradients of
-    the N ranks of an SP group again, dividing only by the data-parallel size. The loss is right, its gradient is
-    N times too large: grad_norm reads N x, and the update is N x too large unless clipping or Adam hide it. The
-    loss value is kept (it is what gets logged); only the gradient flowing back from it is divided by N.
+    differentiable all_gather whose backward sums the N ranks' gradients), which is right when the engine then
+    averages gradients over every rank. ZeRO-3's reduce-scatter does; ZeRO-0/1/2 (and ZeRO-3's contiguous
+    all-reduce, used when `reduce_scatter` is off) divide by the data-parallel size only, so there the loss is
+    right and its gradient N times too large: grad_norm reads N x, and each update is N x too large unless
+    clipping or Adam hide it. The loss value is kept (it is what gets logged); only its gradient is divided by N.
     """
     pc = getattr(trainer.accelerator, "parallelism_config", None)
     if pc is None or pc.sp_size == 1:
         return False
+    zero = trainer.accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+    if int(zero.get("stage", 0)) == 3:
+        if zero.get("reduce_scatter", True) is False:
+            raise UserError(
+                "sequence_parallel with ZeRO-3 needs zero_optimization.reduce_scatter: true in the DeepSpeed config "
+                "(its all-reduce path scales sequence-parallel gradients wrongly); remove reduce_scatter: false"
+            )
+        return True
     scale = 1.0 / pc.sp_size
     compute_loss = trainer.compute_loss
 
