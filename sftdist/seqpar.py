@@ -80,39 +80,58 @@ def training_overrides(recipe: Recipe) -> dict[str, Any]:
 
 
 def install(trainer: Any) -> bool:
-    """Fix the gradient scale of `trainer` under sequence parallelism; True if it runs with SP.
+    """Make `trainer`'s loss under sequence parallelism the one single-process training takes; True if SP is on.
 
-    Gap filled (transformers 5.24 + DeepSpeed 0.19.8, measured in tests/test_sequence_parallel.py): under Ulysses
-    every SP rank computes the whole sample's loss from all ranks' shard losses (`deepspeed_sp_compute_loss`, a
-    differentiable all_gather whose backward sums the N ranks' gradients), which is right when the engine then
-    averages gradients over every rank. ZeRO-3's reduce-scatter does; ZeRO-0/1/2 (and ZeRO-3's contiguous
-    all-reduce, used when `reduce_scatter` is off) divide by the data-parallel size only, so there the loss is
-    right and its gradient N times too large: grad_norm reads N x, and each update is N x too large unless
-    clipping or Adam hide it. The loss value is kept (it is what gets logged); only its gradient is divided by N.
+    Gaps filled (transformers 5.24, trl 1.16, DeepSpeed 0.19.8; measured in tests/test_sequence_parallel.py):
+
+    - Gradient scale. Every SP rank computes the whole sample's loss from all ranks' shard losses
+      (`deepspeed_sp_compute_loss`, a differentiable all_gather whose backward sums the N ranks' gradients), which
+      is right when the engine then averages gradients over every rank. ZeRO-3's reduce-scatter does; ZeRO-0/1/2
+      (and ZeRO-3's contiguous all-reduce, used when `reduce_scatter` is off) divide by the data-parallel size only,
+      so there the loss is right and its gradient N times too large: grad_norm reads N x, and each update is N x
+      too large unless clipping or Adam hide it. Here that gradient is divided by N.
+    - Token weighting. Without SP, trl weights every micro-batch of an optimizer step (accumulation steps and
+      data-parallel ranks) by its loss tokens. Under SP the trainer drops that count (`labels` are gone from the
+      SP batches) and averages the micro-batches' mean losses instead. Here each micro-batch's loss is weighted
+      by its share of the step's loss tokens, so the logged loss and the gradients are the token-weighted ones.
     """
     pc = getattr(trainer.accelerator, "parallelism_config", None)
     if pc is None or pc.sp_size == 1:
         return False
     zero = trainer.accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
-    if int(zero.get("stage", 0)) == 3:
-        if zero.get("reduce_scatter", True) is False:
-            raise UserError(
-                "sequence_parallel with ZeRO-3 needs zero_optimization.reduce_scatter: true in the DeepSpeed config "
-                "(its all-reduce path scales sequence-parallel gradients wrongly); remove reduce_scatter: false"
-            )
-        return True
-    scale = 1.0 / pc.sp_size
-    compute_loss = trainer.compute_loss
+    if int(zero.get("stage", 0)) == 3 and zero.get("reduce_scatter", True) is False:
+        raise UserError(
+            "sequence_parallel with ZeRO-3 needs zero_optimization.reduce_scatter: true in the DeepSpeed config "
+            "(its all-reduce path scales sequence-parallel gradients differently); remove reduce_scatter: false"
+        )
+    gradient_scale = 1.0 if int(zero.get("stage", 0)) == 3 else 1.0 / pc.sp_size
+    data_parallel = trainer.accelerator.num_processes // pc.sp_size
+    step_tokens: list[Any] = [None]  # loss tokens of the current optimizer step, all ranks
+    count_items, compute_loss = trainer._get_num_items_in_batch, trainer.compute_loss
 
-    def scaled_compute_loss(model: Any, inputs: Any, return_outputs: bool = False, **kwargs: Any) -> Any:
-        result = compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+    def count_step_tokens(batch_samples: list, device: Any) -> Any:
+        import torch
+
+        local = sum((b["shift_labels"] != -100).sum() for b in batch_samples)
+        step_tokens[0] = trainer.accelerator.reduce(torch.as_tensor(local, device=device), reduction="sum")
+        return count_items(batch_samples, device)
+
+    def weighted_compute_loss(model: Any, inputs: Any, return_outputs: bool = False, **kwargs: Any) -> Any:
+        import torch
+        from deepspeed.utils import groups
+
         if not model.training:
-            return result
+            return compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+        tokens = (inputs["shift_labels"] != -100).sum()
+        result = compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+        torch.distributed.all_reduce(tokens, group=groups._get_sequence_parallel_group())
+        weight = tokens * data_parallel * trainer.current_gradient_accumulation_steps / step_tokens[0].clamp(min=1)
         if return_outputs:
-            return _scale_gradient(result[0], scale), result[1]
-        return _scale_gradient(result, scale)
+            return _scale_gradient(result[0] * weight, gradient_scale), result[1]
+        return _scale_gradient(result * weight, gradient_scale)
 
-    trainer.compute_loss = scaled_compute_loss
+    trainer._get_num_items_in_batch = count_step_tokens
+    trainer.compute_loss = weighted_compute_loss
     return True
 
 
