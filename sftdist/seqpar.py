@@ -2,12 +2,11 @@
 
 Gap filled: transformers, trl and accelerate already run DeepSpeed's Ulysses (ALST) when the trainer is given an
 accelerate `ParallelismConfig(sp_size=N, sp_backend="deepspeed")`: the dataloader adapter splits each batch along
-the sequence, the attention swaps heads for tokens with two all-to-alls, and the trainer weights each rank's loss
-by its loss tokens. What they leave to the caller is deciding whether a run can do that at all: only under
-DeepSpeed, with a world size that N divides, with sequences padded to a multiple of N, and (our finding, see
-README "Long samples") not with packed rows under `sdpa`, because Ulysses drops the attention mask and attends
-causally over the whole gathered row, so packed samples would see each other. Those checks run in the launcher
-(before any process starts) and again in every rank.
+the sequence, and the attention swaps heads for tokens with two all-to-alls. What they leave to the caller: which
+runs can do that at all (only under DeepSpeed, with a world size that N divides, with batches padded to a multiple
+of N, equal lengths on gloo, and not packed rows under `sdpa`, because Ulysses drops the attention mask and attends
+causally over the whole gathered row, so packed samples would see each other), checked in the launcher before any
+process starts and again in every rank; and the loss, whose gradient and token weighting `install` corrects.
 """
 
 from __future__ import annotations
@@ -33,11 +32,11 @@ def check(recipe: Recipe, kind: str | None, world_size: int, strategy: str | Non
     if n == 1:
         return
     src = recipe.source or "recipe"
-    how = f"--strategy {strategy}" if strategy else f"this launch ({kind or 'one process'})"
     if kind != "deepspeed":
+        how = f"--strategy {strategy} is {kind}" if strategy else "this run was not launched with DeepSpeed"
         raise UserError(
-            f"{src}: sequence_parallel: {n} runs on DeepSpeed's Ulysses, but {how} is not DeepSpeed; "
-            f"use --strategy zero1, zero2 or zero3 with --num-processes a multiple of {n}"
+            f"{src}: sequence_parallel: {n} runs on DeepSpeed's Ulysses, but {how}; use `sftdist launch` with "
+            f"--strategy zero1, zero2 or zero3 and --num-processes a multiple of {n}"
         )
     if world_size % n:
         raise UserError(
@@ -47,6 +46,11 @@ def check(recipe: Recipe, kind: str | None, world_size: int, strategy: str | Non
     from sftdist.model import resolve_attention
 
     impl = resolve_attention(recipe)
+    if impl not in ("sdpa", *PACKING_SAFE_ATTENTION):
+        raise UserError(
+            f"{src}: sequence_parallel: {n} needs model.attn_implementation sdpa or "
+            f"{' or '.join(PACKING_SAFE_ATTENTION)} (Ulysses replaces one of those); got {impl}"
+        )
     if recipe.data.packing and impl not in PACKING_SAFE_ATTENTION:
         raise UserError(
             f"{src}: sequence_parallel: {n} with data.packing: true needs model.attn_implementation "
