@@ -1,0 +1,140 @@
+"""Sequence parallelism (`sequence_parallel: 2`, DeepSpeed Ulysses) on CPU: two processes sharing every sample
+learn what one process learns from the whole samples, and runs that cannot work are refused before they start.
+
+The gate runs real `sftdist launch` processes on long samples (the answer copies a 40-100 word list, so about
+half of each sample's tokens carry loss and the two halves of a sample hold different numbers of them), with
+gradient accumulation 2 on both sides, against `sftdist train` in one process. Plain SGD without clipping: its
+update is proportional to the gradient, so a wrong gradient scale shows in the weights (Adam and clipping would
+hide it), and grad_norm is compared as well. Tolerances are launched.py's, for the same reason (fp32 sums in a
+different order); measured: losses <= 1e-6, weights <= 1.2e-7.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import run_cli
+from launched import LOSS_ATOL, STEPS, WEIGHT_ATOL, final_weights, history, launch
+from sftdist.errors import UserError
+from sftdist.launcher import plan_launch
+from sftdist.recipe import load_recipe
+
+WORDS = "apple kite owl rain goat door ink cat milk dog hat moon bird lamp nest".split()
+_runs: dict[str, Path] = {}
+
+
+@pytest.fixture(scope="session")
+def long_rows(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """16 samples of 200-330 tokens: STEPS steps x batch 2 x accumulation 2."""
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("long") / "train.jsonl"
+    rows = []
+    for _ in range(16):
+        words = "\n".join(rng.choice(WORDS) for _ in range(rng.randint(40, 80)))
+        rows.append(json.dumps({"instruction": "Copy the list.", "context": words, "response": words}))
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return path
+
+
+def write_recipe(path: Path, model: Path, data: Path, output_dir: Path, sequence_parallel: int = 1,
+                 packing: bool = False) -> Path:
+    recipe = {
+        "model": {"name_or_path": str(model)},
+        "data": {"train": [{"path": str(data)}], "max_length": 384, "packing": packing},
+        "train": {
+            "max_steps": STEPS, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2,
+            "optim": "sgd", "learning_rate": 0.1, "max_grad_norm": 0.0, "lr_scheduler_type": "constant",
+            "logging_steps": 1, "save_steps": 100, "report_to": [], "seed": 7,
+        },
+        "sequence_parallel": sequence_parallel,
+        "output_dir": str(output_dir),
+    }
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def trained(tmp_path_factory: pytest.TempPathFactory, model: Path, data: Path, strategy: str) -> Path:
+    """Run (once per session) `single` in one process, or a zero strategy with 2 processes sharing each sample."""
+    if strategy not in _runs:
+        root = tmp_path_factory.mktemp(f"sp-{strategy}")
+        sp = 1 if strategy == "single" else 2
+        recipe = write_recipe(root / "recipe.yaml", model, data, root / "run", sequence_parallel=sp)
+        if strategy == "single":
+            proc = run_cli("train", str(recipe))
+            assert proc.returncode == 0, proc.stderr[-4000:]
+        else:
+            launch(recipe, strategy)
+        _runs[strategy] = root / "run"
+    return _runs[strategy]
+
+
+def grad_norms(run: Path) -> list[float]:
+    return [e["grad_norm"] for e in json.loads((run / "trainer_state.json").read_text())["log_history"] if "loss" in e]
+
+
+@pytest.mark.parametrize("strategy", ["zero2", "zero3"])
+def test_two_processes_sharing_each_sample_learn_what_one_learns(tmp_path_factory, tiny_model, long_rows, strategy):
+    run = trained(tmp_path_factory, tiny_model, long_rows, strategy)
+    ref = trained(tmp_path_factory, tiny_model, long_rows, "single")
+
+    state = json.loads((run / "sftdist_run.json").read_text())["distributed"]
+    assert (state["distributed_type"], state["num_processes"], state["zero_stage"]) == ("DEEPSPEED", 2, int(strategy[4]))
+    # Both processes share each sample: one data-parallel group, so the global batch is batch x accumulation.
+    assert (state["sequence_parallel"], state["data_parallel"], state["global_batch"]) == (2, 1, 4)
+
+    losses, tokens = history(run)
+    ref_losses, ref_tokens = history(ref)
+    assert tokens == ref_tokens  # the same samples per step (data parallelism would see twice as many)
+    assert max(abs(a - b) for a, b in zip(losses, ref_losses)) <= LOSS_ATOL, (losses, ref_losses)
+    assert losses[-1] < losses[0]
+    # The gradient itself, not only its direction: under ZeRO-2 Ulysses' loss reads 2x here without seqpar.install.
+    assert grad_norms(run) == pytest.approx(grad_norms(ref), rel=1e-4)
+
+    weights, ref_weights = final_weights(run), final_weights(ref)
+    assert weights.keys() == ref_weights.keys()
+    worst = max((weights[k] - ref_weights[k]).abs().max().item() for k in weights)
+    assert worst <= WEIGHT_ATOL, worst
+
+
+@pytest.mark.parametrize("strategy, procs, packing, words", [
+    ("ddp", 2, False, "but --strategy ddp is ddp; use `sftdist launch` with --strategy zero1, zero2 or zero3"),
+    ("fsdp2", 2, False, "--strategy fsdp2 is fsdp"),
+    ("single", 1, False, "--strategy single is single"),
+    ("zero2", 3, False, "needs a number of processes that 2 divides (each sample is shared by 2); got 3"),
+    ("zero3", 2, True, "packed samples would see each other); set data.packing: false"),
+])
+def test_launches_that_cannot_share_samples_are_refused_before_starting(tmp_path, strategy, procs, packing, words):
+    recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "model", tmp_path / "d.jsonl", tmp_path / "run",
+                          sequence_parallel=2, packing=packing)
+    with pytest.raises(UserError) as e:
+        plan_launch(str(recipe), strategy, num_processes=procs if strategy != "single" else None, gpus=0)
+    assert words in str(e.value) and str(e.value).startswith(f"{recipe}: sequence_parallel: 2")
+    # The same recipe with sequence_parallel 1 is a valid launch.
+    raw = yaml.safe_load(recipe.read_text())
+    recipe.write_text(yaml.safe_dump({**raw, "sequence_parallel": 1, "data": {**raw["data"], "packing": False}}))
+    plan_launch(str(recipe), strategy, num_processes=procs if strategy != "single" else None, gpus=0)
+
+
+def test_sequence_parallel_key(tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "model", tmp_path / "d.jsonl", tmp_path / "run")
+    assert load_recipe(recipe).sequence_parallel == 1
+    assert load_recipe(recipe, ["sequence_parallel=4"]).sequence_parallel == 4
+    with pytest.raises(UserError, match="sequence_parallel is 0; expected at least 1"):
+        load_recipe(recipe, ["sequence_parallel=0"])
+    with pytest.raises(UserError, match="sequence_parallel: got 'two', expected an integer"):
+        load_recipe(recipe, ["sequence_parallel=two"])
+
+
+def test_training_alone_with_sequence_parallel_is_refused(tmp_path, tiny_model, long_rows):
+    """`sftdist train` in one process (not launched with DeepSpeed): exit 2, one line, nothing written."""
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, long_rows, tmp_path / "run", sequence_parallel=2)
+    proc = run_cli("train", str(recipe))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert (f"error: {recipe}: sequence_parallel: 2 runs on DeepSpeed's Ulysses, but this run was not launched with "
+            "DeepSpeed; use `sftdist launch` with --strategy zero1, zero2 or zero3") in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
