@@ -4,8 +4,8 @@ Gap filled: transformers, trl and accelerate already run DeepSpeed's Ulysses (AL
 accelerate `ParallelismConfig(sp_size=N, sp_backend="deepspeed")`: the dataloader adapter splits each batch along
 the sequence, and the attention swaps heads for tokens with two all-to-alls. What they leave to the caller: which
 runs can do that at all (only under DeepSpeed, with a world size that N divides, with batches padded to a multiple
-of N, equal lengths on gloo, and not packed rows under `sdpa`, because Ulysses drops the attention mask and attends
-causally over the whole gathered row, so packed samples would see each other), checked in the launcher before any
+of N, equal lengths on gloo, and no packing: Ulysses' dataloader adapter cannot take trl's packed rows, and under
+`sdpa` it drops the attention mask, so packed samples would attend to each other), checked in the launcher before any
 process starts and again in every rank; and the loss, whose gradient and token weighting `install` corrects.
 """
 
@@ -17,9 +17,8 @@ from typing import Any
 from sftdist.errors import UserError
 from sftdist.recipe import Recipe
 
-# Attention implementations that keep packed samples apart under Ulysses: they split the gathered row at the
-# sequence boundaries given by position_ids; sdpa would run one causal attention over the whole row.
-PACKING_SAFE_ATTENTION = ("flash_attention_2", "flash_attention_3")
+# The attention implementations Ulysses wraps (DeepSpeed 0.19.8 refuses eager and cannot rebuild flex's masks).
+SP_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3")
 
 
 def check(recipe: Recipe, kind: str | None, world_size: int, strategy: str | None = None) -> None:
@@ -46,16 +45,18 @@ def check(recipe: Recipe, kind: str | None, world_size: int, strategy: str | Non
     from sftdist.model import resolve_attention
 
     impl = resolve_attention(recipe)
-    if impl not in ("sdpa", *PACKING_SAFE_ATTENTION):
+    if impl not in SP_ATTENTION:
         raise UserError(
-            f"{src}: sequence_parallel: {n} needs model.attn_implementation sdpa or "
-            f"{' or '.join(PACKING_SAFE_ATTENTION)} (Ulysses replaces one of those); got {impl}"
+            f"{src}: sequence_parallel: {n} needs model.attn_implementation {', '.join(SP_ATTENTION)} (Ulysses "
+            f"wraps one of those); got {impl}"
         )
-    if recipe.data.packing and impl not in PACKING_SAFE_ATTENTION:
+    if recipe.data.packing:
+        # Measured (README "Long samples"): trl's padding-free rows carry 1-D `cu_seq_lens_*` tensors that
+        # DeepSpeed's dataloader adapter indexes as [batch, sequence] (IndexError in UlyssesSPDataLoaderAdapter),
+        # and under sdpa Ulysses drops the mask and attends causally across the whole gathered row.
         raise UserError(
-            f"{src}: sequence_parallel: {n} with data.packing: true needs model.attn_implementation "
-            f"{' or '.join(PACKING_SAFE_ATTENTION)} (Ulysses under {impl} attends across the whole packed row, "
-            "so packed samples would see each other); set data.packing: false"
+            f"{src}: sequence_parallel: {n} cannot keep packed samples apart (DeepSpeed's Ulysses takes neither "
+            "trl's packed rows nor their sample boundaries under sdpa); set data.packing: false"
         )
 
 

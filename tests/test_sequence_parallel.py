@@ -106,7 +106,8 @@ def test_two_processes_sharing_each_sample_learn_what_one_learns(tmp_path_factor
     ("fsdp2", 2, False, "--strategy fsdp2 is fsdp"),
     ("single", 1, False, "--strategy single is single"),
     ("zero2", 3, False, "needs a number of processes that 2 divides (each sample is shared by 2); got 3"),
-    ("zero3", 2, True, "packed samples would see each other); set data.packing: false"),
+    ("zero3", 2, True, "cannot keep packed samples apart (DeepSpeed's Ulysses takes neither trl's packed rows nor "
+                      "their sample boundaries under sdpa); set data.packing: false"),
 ])
 def test_launches_that_cannot_share_samples_are_refused_before_starting(tmp_path, strategy, procs, packing, words):
     recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "model", tmp_path / "d.jsonl", tmp_path / "run",
