@@ -32,7 +32,7 @@ def check(recipe: Recipe, kind: str | None, world_size: int, strategy: str | Non
         return
     src = recipe.source or "recipe"
     if kind != "deepspeed":
-        how = f"--strategy {strategy} is {kind}" if strategy else "this run was not launched with DeepSpeed"
+        how = f"--strategy {strategy} is not DeepSpeed" if strategy else "this run was not launched with DeepSpeed"
         raise UserError(
             f"{src}: sequence_parallel: {n} runs on DeepSpeed's Ulysses, but {how}; use `sftdist launch` with "
             f"--strategy zero1, zero2 or zero3 and --num-processes a multiple of {n}"
@@ -117,8 +117,9 @@ def install(trainer: Any) -> bool:
     def count_step_tokens(batch_samples: list, device: Any) -> Any:
         import torch
 
-        local = sum((b["shift_labels"] != -100).sum() for b in batch_samples)
-        step_tokens[0] = trainer.accelerator.reduce(torch.as_tensor(local, device=device), reduction="sum")
+        if batch_samples and "shift_labels" in batch_samples[0]:  # the SP adapter's training batches
+            local = sum((b["shift_labels"] != -100).sum() for b in batch_samples)
+            step_tokens[0] = trainer.accelerator.reduce(torch.as_tensor(local, device=device), reduction="sum")
         return count_items(batch_samples, device)
 
     def weighted_compute_loss(model: Any, inputs: Any, return_outputs: bool = False, **kwargs: Any) -> Any:

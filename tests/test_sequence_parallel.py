@@ -102,9 +102,9 @@ def test_two_processes_sharing_each_sample_learn_what_one_learns(tmp_path_factor
 
 
 @pytest.mark.parametrize("strategy, procs, packing, words", [
-    ("ddp", 2, False, "but --strategy ddp is ddp; use `sftdist launch` with --strategy zero1, zero2 or zero3"),
-    ("fsdp2", 2, False, "--strategy fsdp2 is fsdp"),
-    ("single", 1, False, "--strategy single is single"),
+    ("ddp", 2, False, "but --strategy ddp is not DeepSpeed; use `sftdist launch` with --strategy zero1, zero2 or zero3"),
+    ("fsdp2", 2, False, "--strategy fsdp2 is not DeepSpeed"),
+    ("single", 1, False, "--strategy single is not DeepSpeed"),
     ("zero2", 3, False, "needs a number of processes that 2 divides (each sample is shared by 2); got 3"),
     ("zero3", 2, True, "cannot keep packed samples apart (DeepSpeed's Ulysses takes neither trl's packed rows nor "
                       "their sample boundaries under sdpa); set data.packing: false"),
