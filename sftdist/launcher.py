@@ -142,9 +142,8 @@ def plan_launch(
     `overrides` are `sftdist train --set` values, `train_flags` its other flags, `accelerate_args`
     extra `accelerate launch` arguments; `gpus` is the number of visible GPUs (detected if None).
     """
-    from sftdist.recipe import load_recipe
-
     from sftdist import seqpar
+    from sftdist.recipe import load_recipe
 
     loaded = load_recipe(recipe, overrides)  # a bad recipe fails here, before any process starts
     gpus = visible_gpus() if gpus is None else gpus
