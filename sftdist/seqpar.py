@@ -3,8 +3,8 @@
 Gap filled: transformers, trl and accelerate already run DeepSpeed's Ulysses (ALST) when the trainer is given an
 accelerate `ParallelismConfig(sp_size=N, sp_backend="deepspeed")`: the dataloader adapter splits each batch along
 the sequence, and the attention swaps heads for tokens with two all-to-alls. What they leave to the caller: which
-runs can do that at all (only under DeepSpeed, with a world size that N divides, with batches padded to a multiple
-of N, equal lengths on gloo, and no packing: Ulysses' dataloader adapter cannot take trl's packed rows, and under
+runs can do that at all (only under DeepSpeed, with a world size that N divides, with every batch padded to one
+length that N divides, and no packing: Ulysses' dataloader adapter cannot take trl's packed rows, and under
 `sdpa` it drops the attention mask, so packed samples would attend to each other), checked in the launcher before any
 process starts and again in every rank; and the loss, whose gradient and token weighting `install` corrects.
 """
