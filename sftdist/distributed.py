@@ -116,6 +116,8 @@ def check_state(trainer: Any) -> dict[str, Any]:
         )
     if expected > 1:
         atexit.register(_release_process_groups)
+    if sequence_parallel > 1:
+        trainer.add_callback(_sequence_parallel_check(sequence_parallel))
     trainer.add_callback(_tokens_per_step_logger())
     return state
 
@@ -132,6 +134,28 @@ def _release_process_groups() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     time.sleep(0.5)
+
+
+def _sequence_parallel_check(size: int) -> Any:
+    """A callback that stops the run at its start unless DeepSpeed really formed sequence-parallel groups of
+    `size` (the groups exist only once the trainer has prepared the model); otherwise every process would train
+    on its own samples, a data-parallel run labelled sequence-parallel."""
+    from transformers import TrainerCallback
+
+    from sftdist.errors import UserError
+
+    class SequenceParallelCheck(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            from deepspeed.utils import groups
+
+            got = groups._get_sequence_parallel_world_size()
+            if got != size:
+                raise UserError(
+                    f"sequence_parallel: {size} was asked for but DeepSpeed formed groups of {got}; refusing a run "
+                    "that would not share samples as configured"
+                )
+
+    return SequenceParallelCheck()
 
 
 def _tokens_per_step_logger() -> Any:
