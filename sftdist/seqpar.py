@@ -11,7 +11,9 @@ process starts and again in every rank; and the loss, whose gradient and token w
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import Any
 
 from sftdist.errors import UserError
@@ -71,8 +73,8 @@ def training_overrides(recipe: Recipe) -> dict[str, Any]:
     from sftdist import distributed
     from sftdist.model import resolve_attention
 
-    launched = distributed._launched_type()
-    check(recipe, launched.lower() if launched else None, int(os.environ.get("WORLD_SIZE", "1")))
+    launched, world = distributed._launched_type(), int(os.environ.get("WORLD_SIZE", "1"))
+    check(recipe, launched.lower() if launched else None, world)
     # DeepSpeed's dataloader adapter all-gathers every rank's batch, then cuts each into N equal slices: the
     # length must be a multiple of N, and gloo cannot all-gather tensors of different lengths, so every batch is
     # padded to the same length (max_length, rounded up to a multiple of N). Uneven lengths could work over NCCL,
@@ -80,7 +82,9 @@ def training_overrides(recipe: Recipe) -> dict[str, Any]:
     handler = DeepSpeedSequenceParallelConfig(sp_seq_length_is_variable=True,
                                               sp_attn_implementation=resolve_attention(recipe))
     return {
-        "parallelism_config": ParallelismConfig(sp_size=n, sp_backend="deepspeed", sp_handler=handler),
+        # dp_shard_size: accelerate sizes DeepSpeed's train_batch_size by it (ZeRO shards over every process anyway).
+        "parallelism_config": ParallelismConfig(dp_shard_size=world // n, sp_size=n, sp_backend="deepspeed",
+                                                sp_handler=handler),
         "pad_to_multiple_of": -(-recipe.data.max_length // n) * n,
     }
 
@@ -96,6 +100,10 @@ def install(trainer: Any) -> bool:
       (and ZeRO-3's contiguous all-reduce, used when `reduce_scatter` is off) divide by the data-parallel size only,
       so there the loss is right and its gradient N times too large: grad_norm reads N x, and each update is N x
       too large unless clipping or Adam hide it. Here that gradient is divided by N.
+    - Groups that do not start at rank 0 (data-parallel size > 1) on gloo: the SP loss gathers the ranks' losses
+      with `torch.distributed.nn.functional.all_gather`, whose gloo backward (torch 2.13, `_AlltoAll`) passes
+      group-local ranks to `dist.scatter` as global ones ("Global rank 0 is not part of group"). During the loss
+      that function is replaced by one whose backward is an all-reduce, correct on every backend and group.
     - Token weighting. Without SP, trl weights every micro-batch of an optimizer step (accumulation steps and
       data-parallel ranks) by its loss tokens. Under SP the trainer drops that count (`labels` are gone from the
       SP batches) and averages the micro-batches' mean losses instead. Here each micro-batch's loss is weighted
@@ -130,7 +138,8 @@ def install(trainer: Any) -> bool:
         if not model.training:
             return compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
         tokens = (inputs["shift_labels"] != -100).sum()
-        result = compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+        with _group_safe_all_gather():
+            result = compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
         torch.distributed.all_reduce(tokens, group=groups._get_sequence_parallel_group())
         weight = tokens * data_parallel * trainer.current_gradient_accumulation_steps / step_tokens[0].clamp(min=1)
         if return_outputs:
@@ -145,3 +154,34 @@ def install(trainer: Any) -> bool:
 def _scale_gradient(loss: Any, scale: float) -> Any:
     """`loss` with the same value, whose gradient is multiplied by `scale`."""
     return loss * scale + (loss * (1.0 - scale)).detach()
+
+
+@contextlib.contextmanager
+def _group_safe_all_gather() -> Iterator[None]:
+    """Within this block, `torch.distributed.nn.functional.all_gather` is a differentiable all-gather whose
+    backward all-reduces the gradients (see `install`)."""
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.nn.functional as dist_fn
+
+    class AllGather(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, group: Any, tensor: Any) -> Any:
+            ctx.group = group
+            out = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group=group))]
+            dist.all_gather(out, tensor.contiguous(), group=group)
+            return tuple(out)
+
+        @staticmethod
+        def backward(ctx: Any, *grads: Any) -> Any:
+            # Rank r's input fed output r on every rank: its gradient is the sum over ranks of grads[r].
+            summed = torch.stack(grads)
+            dist.all_reduce(summed, group=ctx.group)
+            return None, summed[dist.get_rank(group=ctx.group)]
+
+    original = dist_fn.all_gather
+    dist_fn.all_gather = lambda tensor, group=dist.group.WORLD: AllGather.apply(group, tensor)
+    try:
+        yield
+    finally:
+        dist_fn.all_gather = original
