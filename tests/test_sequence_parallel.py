@@ -1,12 +1,17 @@
-"""Sequence parallelism (`sequence_parallel: 2`, DeepSpeed Ulysses) on CPU: two processes sharing every sample
-learn what one process learns from the whole samples, and runs that cannot work are refused before they start.
+"""Sequence parallelism (`sequence_parallel: 2`, DeepSpeed Ulysses) on CPU: processes sharing every sample learn
+what one process learns from the whole samples, and runs that cannot work are refused before they start.
 
-The gate runs real `sftdist launch` processes on long samples (the answer copies a 40-100 word list, so about
-half of each sample's tokens carry loss and the two halves of a sample hold different numbers of them), with
-gradient accumulation 2 on both sides, against `sftdist train` in one process. Plain SGD without clipping: its
-update is proportional to the gradient, so a wrong gradient scale shows in the weights (Adam and clipping would
-hide it), and grad_norm is compared as well. Tolerances are launched.py's, for the same reason (fp32 sums in a
-different order); measured: losses <= 1e-6, weights <= 1.2e-7.
+The gate runs real `sftdist launch` processes on long samples (the answer copies a 40-80 word list, so about half
+of each sample's tokens carry loss and the two halves of a sample hold different numbers of them) against
+`sftdist train` in one process with gradient accumulation 2 (batch 2, so 4 samples per optimizer step):
+- zero2, 2 processes, sequence_parallel 2 (one data-parallel group), accumulation 2;
+- zero3, 4 processes, sequence_parallel 2 x data-parallel 2, accumulation 1.
+Samples are read in order (`train_sampling_strategy: sequential`). With 4 processes each SP group takes the
+batches of its own ranks one after the other, so a step holds batches 0 and 2, then 1 and 3, ...; the single run
+reads the same batches in that order (`interleaved`), and so does the zero2 run.
+Plain SGD without clipping: its update is proportional to the gradient, so a wrong gradient scale shows in the
+weights (Adam and clipping would hide it), and grad_norm is compared as well. Tolerances are launched.py's, for
+the same reason (fp32 sums in a different order); measured: losses <= 1e-6, weights <= 1.2e-7.
 """
 
 from __future__ import annotations
@@ -19,37 +24,46 @@ import pytest
 import yaml
 
 from conftest import run_cli
-from launched import LOSS_ATOL, STEPS, WEIGHT_ATOL, final_weights, history, launch
+from launched import LOSS_ATOL, STEPS, WEIGHT_ATOL, final_weights, history
 from sftdist.errors import UserError
 from sftdist.launcher import plan_launch
 from sftdist.recipe import load_recipe
 
 WORDS = "apple kite owl rain goat door ink cat milk dog hat moon bird lamp nest".split()
+# strategy -> (processes, gradient accumulation, data file, expected (sequence_parallel, data_parallel))
+RUNS = {
+    "single": (1, 2, "interleaved", (1, 1)),
+    "zero2": (2, 2, "interleaved", (2, 1)),
+    "zero3": (4, 1, "rows", (2, 2)),
+}
 _runs: dict[str, Path] = {}
 
 
 @pytest.fixture(scope="session")
 def long_rows(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """16 samples of 200-330 tokens: STEPS steps x batch 2 x accumulation 2."""
+    """16 samples of 200-330 tokens (STEPS steps x 4), as `rows.jsonl`, and as `interleaved.jsonl` with the
+    pairs (batches of 2) in the order 0 2 1 3 4 6 5 7; returns the folder."""
     rng = random.Random(0)
-    path = tmp_path_factory.mktemp("long") / "train.jsonl"
     rows = []
     for _ in range(16):
         words = "\n".join(rng.choice(WORDS) for _ in range(rng.randint(40, 80)))
         rows.append(json.dumps({"instruction": "Copy the list.", "context": words, "response": words}))
-    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
-    return path
+    root = tmp_path_factory.mktemp("long")
+    (root / "rows.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    order = [b for i in range(0, 8, 4) for b in (i, i + 2, i + 1, i + 3)]
+    (root / "interleaved.jsonl").write_text("".join(f"{r}\n" for b in order for r in rows[2 * b:2 * b + 2]))
+    return root
 
 
 def write_recipe(path: Path, model: Path, data: Path, output_dir: Path, sequence_parallel: int = 1,
-                 packing: bool = False) -> Path:
+                 packing: bool = False, accumulation: int = 2) -> Path:
     recipe = {
         "model": {"name_or_path": str(model)},
         "data": {"train": [{"path": str(data)}], "max_length": 384, "packing": packing},
         "train": {
-            "max_steps": STEPS, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2,
-            "optim": "sgd", "learning_rate": 0.1, "max_grad_norm": 0.0, "lr_scheduler_type": "constant",
-            "logging_steps": 1, "save_steps": 100, "report_to": [], "seed": 7,
+            "max_steps": STEPS, "per_device_train_batch_size": 2, "gradient_accumulation_steps": accumulation,
+            "train_sampling_strategy": "sequential", "optim": "sgd", "learning_rate": 0.1, "max_grad_norm": 0.0,
+            "lr_scheduler_type": "constant", "logging_steps": 1, "save_steps": 100, "report_to": [], "seed": 7,
         },
         "sequence_parallel": sequence_parallel,
         "output_dir": str(output_dir),
@@ -59,16 +73,16 @@ def write_recipe(path: Path, model: Path, data: Path, output_dir: Path, sequence
 
 
 def trained(tmp_path_factory: pytest.TempPathFactory, model: Path, data: Path, strategy: str) -> Path:
-    """Run (once per session) `single` in one process, or a zero strategy with 2 processes sharing each sample."""
+    """Run (once per session) one of RUNS: `single` with `sftdist train`, the others with `sftdist launch`."""
     if strategy not in _runs:
+        procs, accumulation, rows, (sp, _) = RUNS[strategy]
         root = tmp_path_factory.mktemp(f"sp-{strategy}")
-        sp = 1 if strategy == "single" else 2
-        recipe = write_recipe(root / "recipe.yaml", model, data, root / "run", sequence_parallel=sp)
-        if strategy == "single":
-            proc = run_cli("train", str(recipe))
-            assert proc.returncode == 0, proc.stderr[-4000:]
-        else:
-            launch(recipe, strategy)
+        recipe = write_recipe(root / "recipe.yaml", model, data / f"{rows}.jsonl", root / "run", sp,
+                              accumulation=accumulation)
+        args = ["train", str(recipe)] if strategy == "single" else [
+            "launch", str(recipe), "--strategy", strategy, "--num-processes", str(procs)]
+        proc = run_cli(*args)
+        assert proc.returncode == 0, proc.stderr[-4000:]
         _runs[strategy] = root / "run"
     return _runs[strategy]
 
@@ -78,21 +92,22 @@ def grad_norms(run: Path) -> list[float]:
 
 
 @pytest.mark.parametrize("strategy", ["zero2", "zero3"])
-def test_two_processes_sharing_each_sample_learn_what_one_learns(tmp_path_factory, tiny_model, long_rows, strategy):
+def test_processes_sharing_each_sample_learn_what_one_learns(tmp_path_factory, tiny_model, long_rows, strategy):
     run = trained(tmp_path_factory, tiny_model, long_rows, strategy)
     ref = trained(tmp_path_factory, tiny_model, long_rows, "single")
+    procs, _, _, (sp, dp) = RUNS[strategy]
 
     state = json.loads((run / "sftdist_run.json").read_text())["distributed"]
-    assert (state["distributed_type"], state["num_processes"], state["zero_stage"]) == ("DEEPSPEED", 2, int(strategy[4]))
-    # Both processes share each sample: one data-parallel group, so the global batch is batch x accumulation.
-    assert (state["sequence_parallel"], state["data_parallel"], state["global_batch"]) == (2, 1, 4)
+    assert (state["distributed_type"], state["num_processes"], state["zero_stage"]) == ("DEEPSPEED", procs, int(strategy[4]))
+    # Each sample is shared by 2 processes: the global batch is batch x accumulation x data-parallel groups.
+    assert (state["sequence_parallel"], state["data_parallel"], state["global_batch"]) == (sp, dp, 4)
 
     losses, tokens = history(run)
     ref_losses, ref_tokens = history(ref)
-    assert tokens == ref_tokens  # the same samples per step (data parallelism would see twice as many)
+    assert tokens == ref_tokens  # the same samples per step (data parallelism alone would see twice as many)
     assert max(abs(a - b) for a, b in zip(losses, ref_losses)) <= LOSS_ATOL, (losses, ref_losses)
     assert losses[-1] < losses[0]
-    # The gradient itself, not only its direction: under ZeRO-2 Ulysses' loss reads 2x here without seqpar.install.
+    # The gradient itself, not only its direction (under ZeRO-2, Ulysses' loss gives 2x without seqpar.install).
     assert grad_norms(run) == pytest.approx(grad_norms(ref), rel=1e-4)
 
     weights, ref_weights = final_weights(run), final_weights(ref)
@@ -133,7 +148,7 @@ def test_sequence_parallel_key(tmp_path):
 
 def test_training_alone_with_sequence_parallel_is_refused(tmp_path, tiny_model, long_rows):
     """`sftdist train` in one process (not launched with DeepSpeed): exit 2, one line, nothing written."""
-    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, long_rows, tmp_path / "run", sequence_parallel=2)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, long_rows / "rows.jsonl", tmp_path / "run", 2)
     proc = run_cli("train", str(recipe))
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert (f"error: {recipe}: sequence_parallel: 2 runs on DeepSpeed's Ulysses, but this run was not launched with "
