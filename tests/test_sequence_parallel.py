@@ -98,7 +98,8 @@ def test_processes_sharing_each_sample_learn_what_one_learns(tmp_path_factory, t
     procs, _, _, (sp, dp) = RUNS[strategy]
 
     state = json.loads((run / "sftdist_run.json").read_text())["distributed"]
-    assert (state["distributed_type"], state["num_processes"], state["zero_stage"]) == ("DEEPSPEED", procs, int(strategy[4]))
+    kind = (state["distributed_type"], state["num_processes"], state["zero_stage"])
+    assert kind == ("DEEPSPEED", procs, int(strategy[4]))
     # Each sample is shared by 2 processes: the global batch is batch x accumulation x data-parallel groups.
     assert (state["sequence_parallel"], state["data_parallel"], state["global_batch"]) == (sp, dp, 4)
 
