@@ -82,6 +82,8 @@ def training_overrides(recipe: Recipe) -> dict[str, Any]:
     handler = DeepSpeedSequenceParallelConfig(sp_seq_length_is_variable=True,
                                               sp_attn_implementation=resolve_attention(recipe))
     return {
+        # Resuming: the trainer's own skip fails on DeepSpeed's adapter; `install` skips instead.
+        "ignore_data_skip": True,
         # dp_shard_size: accelerate sizes DeepSpeed's train_batch_size by it (ZeRO shards over every process anyway).
         "parallelism_config": ParallelismConfig(dp_shard_size=world // n, sp_size=n, sp_backend="deepspeed",
                                                 sp_handler=handler),
@@ -89,7 +91,7 @@ def training_overrides(recipe: Recipe) -> dict[str, Any]:
     }
 
 
-def install(trainer: Any) -> bool:
+def install(trainer: Any, recipe: Recipe) -> bool:
     """Make `trainer`'s loss under sequence parallelism the one single-process training takes; True if SP is on.
 
     Gaps filled (transformers 5.24, trl 1.16, DeepSpeed 0.19.8; measured in tests/test_sequence_parallel.py):
@@ -104,6 +106,10 @@ def install(trainer: Any) -> bool:
       with `torch.distributed.nn.functional.all_gather`, whose gloo backward (torch 2.13, `_AlltoAll`) passes
       group-local ranks to `dist.scatter` as global ones ("Global rank 0 is not part of group"). During the loss
       that function is replaced by one whose backward is an all-reduce, correct on every backend and group.
+    - Resuming mid-epoch: the trainer fast-forwards its dataloader with accelerate's `skip_first_batches`, which
+      needs a `DataLoader` and fails on DeepSpeed's adapter ("'UlyssesSPDataLoaderAdapter' object has no attribute
+      'dataset'"). `training_overrides` turns that skip off and a callback here draws the trained micro-batches
+      from the adapter before the first step (unless the recipe sets `train.ignore_data_skip: true` itself).
     - Token weighting. Without SP, trl weights every micro-batch of an optimizer step (accumulation steps and
       data-parallel ranks) by its loss tokens. Under SP the trainer drops that count (`labels` are gone from the
       SP batches) and averages the micro-batches' mean losses instead. Here each micro-batch's loss is weighted
@@ -148,7 +154,27 @@ def install(trainer: Any) -> bool:
 
     trainer._get_num_items_in_batch = count_step_tokens
     trainer.compute_loss = weighted_compute_loss
+    if not recipe.train.get("ignore_data_skip", False):
+        trainer.add_callback(_skip_trained_batches())
     return True
+
+
+def _skip_trained_batches() -> Any:
+    """A callback that, on resume, draws from the SP dataloader the micro-batches the checkpoint's steps of this
+    epoch used, counted as the trainer counts them (`_init_training_state`, the adapter's length)."""
+    from transformers import TrainerCallback
+
+    class SkipTrainedBatches(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, train_dataloader: Any = None,
+                           **kwargs: Any) -> None:
+            if not state.global_step or train_dataloader is None:
+                return
+            length, accumulation = len(train_dataloader), args.gradient_accumulation_steps
+            per_epoch = max(length // accumulation + int(length % accumulation > 0), 1)
+            for _ in range((state.global_step % per_epoch) * accumulation):
+                next(train_dataloader)
+
+    return SkipTrainedBatches()
 
 
 def _scale_gradient(loss: Any, scale: float) -> Any:

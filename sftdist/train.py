@@ -106,7 +106,7 @@ def run_training(recipe: Recipe, resume: bool = True, overwrite: bool = False) -
         peft_config=lora_config(recipe) if recipe.method in ("lora", "qlora") else None,
     )
     fast_head.install(trainer)  # CPU: trl's fused head scores every position and attends across the flat batch
-    seqpar.install(trainer)  # sequence parallelism: the gradient scale and token weighting single training has
+    seqpar.install(trainer, recipe)  # sequence parallelism: the loss and resume that single training has
     state = distributed.check_state(trainer)
     if trainer.is_world_process_zero():
         print(f"sftdist: {json.dumps(state)}", flush=True)
