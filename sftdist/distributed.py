@@ -82,6 +82,10 @@ def check_state(trainer: Any) -> dict[str, Any]:
     acc = trainer.accelerator
     args = trainer.args
     expected = int(os.environ.get("WORLD_SIZE", "1"))
+    pc = getattr(acc, "parallelism_config", None)
+    # Under sequence parallelism N processes share each sample: the batch is counted once per N processes.
+    sequence_parallel = pc.sp_size if pc is not None else 1
+    data_parallel = acc.num_processes // sequence_parallel
     state: dict[str, Any] = {
         "distributed_type": acc.distributed_type.name,
         "num_processes": acc.num_processes,
@@ -90,7 +94,9 @@ def check_state(trainer: Any) -> dict[str, Any]:
         "device": str(acc.device),
         "per_device_train_batch_size": args.per_device_train_batch_size,
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
-        "global_batch": args.per_device_train_batch_size * args.gradient_accumulation_steps * acc.num_processes,
+        "sequence_parallel": sequence_parallel,
+        "data_parallel": data_parallel,
+        "global_batch": args.per_device_train_batch_size * args.gradient_accumulation_steps * data_parallel,
     }
     if acc.distributed_type.name == "DEEPSPEED":
         state["zero_stage"] = acc.state.deepspeed_plugin.zero_stage
@@ -110,6 +116,8 @@ def check_state(trainer: Any) -> dict[str, Any]:
         )
     if expected > 1:
         atexit.register(_release_process_groups)
+    if sequence_parallel > 1:
+        trainer.add_callback(_sequence_parallel_check(sequence_parallel))
     trainer.add_callback(_tokens_per_step_logger())
     return state
 
@@ -126,6 +134,28 @@ def _release_process_groups() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     time.sleep(0.5)
+
+
+def _sequence_parallel_check(size: int) -> Any:
+    """A callback that stops the run at its start unless DeepSpeed really formed sequence-parallel groups of
+    `size` (the groups exist only once the trainer has prepared the model); otherwise every process would train
+    on its own samples, a data-parallel run labelled sequence-parallel."""
+    from transformers import TrainerCallback
+
+    from sftdist.errors import UserError
+
+    class SequenceParallelCheck(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            from deepspeed.utils import groups
+
+            got = groups._get_sequence_parallel_world_size()
+            if got != size:
+                raise UserError(
+                    f"sequence_parallel: {size} was asked for but DeepSpeed formed groups of {got}; refusing a run "
+                    "that would not share samples as configured"
+                )
+
+    return SequenceParallelCheck()
 
 
 def _tokens_per_step_logger() -> Any:

@@ -146,6 +146,7 @@ def plan_launch(
     `strategy` "auto" asks the planner (`sftdist.plan.auto_strategy`); `gpu_memory` overrides the
     memory per device it plans with.
     """
+    from sftdist import seqpar
     from sftdist.recipe import load_recipe
 
     loaded = load_recipe(recipe, overrides)  # a bad recipe fails here, before any process starts
@@ -184,6 +185,7 @@ def plan_launch(
         raise UserError(f"unexpected argument '{accelerate_args[0]}'; `accelerate launch` options go after --")
     if num_machines > 1 and not main_process_ip:
         raise UserError("--num-machines > 1 needs --main-process-ip (the address of the machine with rank 0)")
+    seqpar.check(loaded, kind, num_processes * num_machines, strategy)
     argv = ["--config_file", str(acc_cfg), "--num_processes", str(num_processes * num_machines),
             "--num_machines", str(num_machines)]
     if num_machines > 1:

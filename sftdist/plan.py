@@ -563,6 +563,8 @@ def make_plan(
             f"expected one of {', '.join(map(str, sp_options(counts, world)))}"
         )
     names = ("single", "zero3-offload") if world == 1 else STRATEGIES[1:]
+    if work.sequence_parallel > 1:  # Ulysses runs under DeepSpeed only (seqpar.check refuses the others)
+        names = tuple(n for n in names if n.startswith("zero"))
     estimates = [estimate(recipe, counts, work, s, world, nodes) for s in names]
     return Plan(recipe, counts, work, gpus, nodes, gpu_memory_bytes, cpu_memory_bytes, estimates)
 

@@ -115,7 +115,7 @@ class Recipe:
     output_dir: str = "runs/sft"
     # Largest safetensors file in checkpoints and the final model (e.g. "5GB", "500MB").
     max_shard_size: str = "5GB"
-    # Processes that share each sample (sequence parallelism); the data-parallel size is world / N.
+    # Processes that share each sample (DeepSpeed Ulysses, see seqpar.py); data-parallel size = world / this.
     sequence_parallel: int = 1
     source: str = field(default="", metadata={"internal": True})
 
@@ -266,6 +266,8 @@ def validate(recipe: Recipe) -> Recipe:
         raise UserError(f"{src}: data.eval_fraction is {recipe.data.eval_fraction}; expected 0 <= x < 1")
     if recipe.data.max_length < 8:
         raise UserError(f"{src}: data.max_length is {recipe.data.max_length}; expected at least 8")
+    if recipe.sequence_parallel < 1:
+        raise UserError(f"{src}: sequence_parallel is {recipe.sequence_parallel}; expected at least 1")
     from sftdist.data.templates import CHAT_TEMPLATES, PROMPT_TEMPLATES, training_families
 
     if recipe.data.template not in PROMPT_TEMPLATES:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sftdist import checkpoint, distributed, fast_head
+from sftdist import checkpoint, distributed, fast_head, seqpar
 from sftdist.errors import UserError
 from sftdist.recipe import Recipe, check_train_keys
 
@@ -69,6 +69,7 @@ def build_sft_config(recipe: Recipe) -> Any:
     kwargs = {
         **train,
         **hardware,
+        **seqpar.training_overrides(recipe),
         "output_dir": recipe.output_dir,
         "max_length": recipe.data.max_length,
         "packing": recipe.data.packing,
@@ -106,6 +107,7 @@ def run_training(recipe: Recipe, resume: bool = True, overwrite: bool = False) -
         peft_config=lora_config(recipe) if recipe.method in ("lora", "qlora") else None,
     )
     fast_head.install(trainer)  # CPU: trl's fused head scores every position and attends across the flat batch
+    seqpar.install(trainer, recipe)  # sequence parallelism: the loss and resume that single training has
     state = distributed.check_state(trainer)
     if trainer.is_world_process_zero():
         print(f"sftdist: {json.dumps(state)}", flush=True)
