@@ -216,7 +216,10 @@ class _StopOnSignal:
 
     def __init__(self) -> None:
         self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+
+    def install(self) -> None:
+        # After a first signal, SIGINT keeps the handler `_handle` left (a second Ctrl-C stops at once).
+        for sig in (signal.SIGTERM, signal.SIGUSR1) + (() if self.requested else (signal.SIGINT,)):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -228,12 +231,14 @@ _stop: _StopOnSignal | None = None
 
 
 def install_signal_handlers() -> _StopOnSignal:
-    """Record preemption signals from now on (idempotent). `sftdist train` calls it before its heavy
-    imports: uncaught, SIGUSR1/SIGTERM during imports or model loading would end the run with 138/143,
-    which slurm's requeue does not take for a preemption."""
+    """Record preemption signals from now on, keeping any already recorded. `sftdist train` calls it
+    before its heavy imports: uncaught, SIGUSR1/SIGTERM during imports or model loading would end the
+    run with 138/143, which slurm's requeue does not take for a preemption. The trainer calls it again,
+    in case a library replaced the handlers in between."""
     global _stop
     if _stop is None:
         _stop = _StopOnSignal()
+    _stop.install()
     return _stop
 
 

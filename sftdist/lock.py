@@ -58,6 +58,8 @@ def _holder(fd: int) -> dict:
 
 def acquire(output_dir: Path) -> RunLock:
     """Lock `output_dir` (created if absent) for this process, or raise a UserError naming the holder."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"{output_dir}: output_dir exists and is not a directory")
     created = [d for d in (output_dir, *output_dir.parents) if not d.exists()]  # deepest first
     path = output_dir / LOCK_FILE
     try:
