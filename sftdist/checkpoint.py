@@ -7,7 +7,7 @@ picks up. Here a checkpoint counts only once every rank has finished it and rank
 Resume checks the manifest, so a file lost or cut short since is a fallback to the previous
 checkpoint, not a silently inexact resume. SIGTERM/SIGUSR1/SIGINT (slurm preemption, Ctrl-C) make
 the run save at the next step boundary and exit with `EXIT_PREEMPTED`; `sftdist train` installs
-that handling before its imports, so a signal during loading stops the run before its first step.
+that handling before its imports, so a signal during loading stops the run after its first step.
 A rerun of a finished run does nothing, and a run whose newest checkpoint is at its last step
 writes `final/` from it without training (the Trainer would otherwise train one step more).
 """
@@ -306,11 +306,6 @@ def make_trainer_class(base: type, max_shard_size: str) -> type:
         def _run_epoch(self, *a: Any, **kw: Any) -> None:
             # Resumed from a checkpoint at the last step, the Trainer would train one step more.
             if self.state.global_step >= self.state.max_steps:
-                self.control.should_training_stop = True
-                return
-            # A signal that arrived before training (imports, model loading): stop before the first step.
-            if _any_rank(stop.requested):
-                self.state.sftdist_preempted = True
                 self.control.should_training_stop = True
                 return
             super()._run_epoch(*a, **kw)
