@@ -24,7 +24,8 @@ def _trainer(model_dir, tmp_path, packing: bool, batch_size: int = 6, lengths=(4
         masks.append([0] * prompt + [1] * (n - prompt))
     args = SFTConfig(
         output_dir=str(tmp_path / "out"), max_length=128, packing=packing, padding_free=packing,
-        completion_only_loss=True, per_device_train_batch_size=batch_size, per_device_eval_batch_size=batch_size, bf16=False, use_cpu=True, report_to="none",
+        completion_only_loss=True, per_device_train_batch_size=batch_size, per_device_eval_batch_size=batch_size,
+        bf16=False, use_cpu=True, report_to="none",
     )
     data = Dataset.from_dict({"input_ids": ids, "completion_mask": masks})
     return SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok)

@@ -116,8 +116,8 @@ def test_second_run_on_a_held_output_dir_exits_2_naming_the_holder(tmp_path, tin
 
 def test_stale_lock_of_a_killed_run_is_taken_over_with_a_warning(tmp_path, capsys):
     out = tmp_path / "run"
-    code = f"from pathlib import Path; import os, signal; from sftdist import lock; lock.acquire(Path({str(out)!r})); " \
-           "os.kill(os.getpid(), signal.SIGKILL)"
+    code = (f"from pathlib import Path; import os, signal; from sftdist import lock; lock.acquire(Path({str(out)!r}));"
+            " os.kill(os.getpid(), signal.SIGKILL)")
     crashed = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)})
     assert crashed.returncode == -signal.SIGKILL and (out / lock.LOCK_FILE).is_file()
     dead_pid = json.loads((out / lock.LOCK_FILE).read_text())["pid"]
