@@ -271,7 +271,7 @@ def _disk_full(exc: BaseException | None, path: Path) -> bool:
         st = os.statvfs(path)
     except OSError:
         return False
-    return st.f_bavail * st.f_frsize < (1 << 20)
+    return st.f_bavail * st.f_frsize < (1 << 20)  # under 1 MiB left: the write ran out of space
 
 
 def _write_manifest(ckpt: Path) -> None:
