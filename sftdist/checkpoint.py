@@ -2,28 +2,42 @@
 
 Gaps filled: transformers writes `checkpoint-N` in place and rotates old ones before the new one
 is known to be whole, so a kill mid-write leaves a directory that `resume_from_checkpoint=True`
-picks up. Here a checkpoint counts only once every rank has finished it and rank 0 has written
-`COMPLETE_MARKER` into it; rotation runs after that. SIGTERM/SIGUSR1/SIGINT (slurm preemption,
-Ctrl-C) make the run save at the next step boundary and exit with `EXIT_PREEMPTED`.
+picks up. Here a checkpoint counts only once every rank has finished it and rank 0 has written a
+`MANIFEST` of its files and sizes, then `COMPLETE_MARKER`, into it; rotation runs after that.
+Resume checks the manifest, so a file lost or cut short since is a fallback to the previous
+checkpoint, not a silently inexact resume. SIGTERM/SIGUSR1/SIGINT (slurm preemption, Ctrl-C) make
+the run save at the next step boundary and exit with `EXIT_PREEMPTED`; `sftdist train` installs
+that handling before its imports, so a signal during loading stops the run after its first step.
+A rerun of a finished run does nothing, and a run whose newest checkpoint is at its last step
+writes `final/` from it without training (the Trainer would otherwise train one step more).
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import errno
 import functools
 import json
 import os
 import re
 import shutil
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import click
 import yaml
 
+from sftdist import lock
 from sftdist.errors import UserError
 from sftdist.recipe import RECIPE_FILE, Recipe
 
 COMPLETE_MARKER = "sftdist_complete"
+MANIFEST = "sftdist_manifest.json"  # {relative path: size in bytes} of every file of a checkpoint
+FINAL_DIR = "final"
+RUN_INFO = "sftdist_run.json"  # written last, once final/ is in place: the run is finished
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on a signal after saving; run again to resume
 FSDP_SHARDS = "pytorch_model_fsdp_0"  # accelerate's folder of FSDP SHARDED_STATE_DICT model shards
@@ -56,29 +70,120 @@ def recipe_yaml(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
 
 
-def _decide(recipe: Recipe, resume: bool, overwrite: bool) -> tuple[str, Path | None]:
-    """What to do with output_dir: ('fresh'|'resume'|'restart'|'replace', checkpoint to resume)."""
-    out = Path(recipe.output_dir)
-    if not out.exists() or not any(out.iterdir()):
-        return "fresh", None
-    if not out.is_dir():
-        raise UserError(f"{out}: output_dir exists and is not a directory")
-    saved = out / RECIPE_FILE
+def _same_recipe(recipe: Recipe, saved: Path) -> bool:
     try:
-        same = saved.is_file() and yaml.safe_load(saved.read_text(encoding="utf-8")) == recipe.to_dict()
+        return saved.is_file() and yaml.safe_load(saved.read_text(encoding="utf-8")) == recipe.to_dict()
     except (yaml.YAMLError, UnicodeDecodeError):
         raise UserError(f"{saved}: is not a valid recipe file; pass --overwrite to replace this output_dir") from None
+
+
+def _contents(out: Path) -> list[Path]:
+    """What output_dir holds, the lock of the running run aside."""
+    return [p for p in out.iterdir() if p.name != lock.LOCK_FILE]
+
+
+def _refuse_deleting_inputs(recipe: Recipe, doomed: list[Path], why: str) -> None:
+    """Refuse to delete any of `doomed` that is, or holds, something this run reads, or the working directory."""
+    inputs = [("the model", recipe.model.name_or_path), ("the recipe", recipe.source), ("the working directory", ".")]
+    inputs += [("the data", s.path) for s in (*recipe.data.train, *recipe.data.eval)]
+    if recipe.data.chat_template:
+        inputs.append(("the chat template", recipe.data.chat_template))
+    for target in doomed:
+        t = target.resolve()
+        for what, raw in inputs:
+            if raw and os.path.lexists(raw) and (t == Path(raw).resolve() or t in Path(raw).resolve().parents):
+                raise UserError(
+                    f"{target}: {why} would delete {what} ({raw}), which this recipe reads; choose another output_dir"
+                )
+
+
+def verify_checkpoint(ckpt: Path) -> str | None:
+    """Why a complete checkpoint cannot be resumed from, or None. Its manifest must match the files.
+
+    Checkpoints written before manifests existed are vouched for by their marker alone."""
+    manifest = ckpt / MANIFEST
+    if not manifest.is_file():
+        return None
+    try:
+        files = json.loads(manifest.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return f"{MANIFEST} is unreadable"
+    for name, size in files.items():
+        path = ckpt / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} were written"
+    return None
+
+
+def _resumable(out: Path) -> tuple[Path | None, list[str]]:
+    """The newest complete checkpoint that verifies, and a warning for each newer one that does not."""
+    ckpts, skipped = complete_checkpoints(out), []
+    for ckpt in reversed(ckpts):
+        problem = verify_checkpoint(ckpt)
+        if problem is None:
+            return ckpt, [f"warning: {c}; falling back to {ckpt.name}" for c in skipped]
+        skipped.append(f"{ckpt}: {problem}")
+    if skipped:
+        raise UserError(
+            f"{out}: no checkpoint can be resumed ({'; '.join(skipped)}); pass --no-resume to start over"
+        )
+    return None, []
+
+
+def _decide(recipe: Recipe, resume: bool, overwrite: bool) -> tuple[str, Path | None, list[str]]:
+    """What to do with output_dir: ('fresh'|'resume'|'restart'|'replace', checkpoint to resume, warnings)."""
+    out = Path(recipe.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: output_dir exists and is not a directory")
+    if not out.exists() or not _contents(out):
+        return "fresh", None, []
+    saved = out / RECIPE_FILE
     if overwrite:
-        return "replace", None
-    if not same:
+        if not saved.is_file():
+            raise UserError(
+                f"{out}: --overwrite refused: output_dir is not empty and holds no {RECIPE_FILE}, so it is not "
+                "an sftdist run; choose another output_dir"
+            )
+        _refuse_deleting_inputs(recipe, [out], "--overwrite")
+        return "replace", None, []
+    if not _same_recipe(recipe, saved):
         what = "another recipe's run" if saved.is_file() else "files that are not an sftdist run"
         raise UserError(
             f"{out}: output_dir holds {what}; choose another output_dir, or pass --overwrite to replace it"
         )
-    if not resume:
-        return "restart", None
-    ckpts = complete_checkpoints(out)
-    return ("resume", ckpts[-1]) if ckpts else ("restart", None)
+    ckpt, warnings = _resumable(out) if resume else (None, [])
+    if ckpt is None:
+        _refuse_deleting_inputs(recipe, _restart_doomed(out), "starting over")
+        return "restart", None, warnings
+    return "resume", ckpt, warnings
+
+
+def _restart_doomed(out: Path) -> list[Path]:
+    return [p for p in out.iterdir() if CHECKPOINT_RE.match(p.name) or p.name.startswith(FINAL_DIR)]
+
+
+def finished_run(recipe: Recipe, resume: bool, overwrite: bool) -> Path | None:
+    """The final model of this recipe's finished run in output_dir, when a rerun should do nothing.
+
+    Finished means the run info is there: it is written after `final/`, whether the run was
+    bounded by max_steps or by num_train_epochs (whose step count only the trainer knew)."""
+    out = Path(recipe.output_dir)
+    final = out / FINAL_DIR
+    if overwrite or not resume or not (out / RUN_INFO).is_file() or not final.is_dir():
+        return None
+    return final if _same_recipe(recipe, out / RECIPE_FILE) else None
+
+
+def lock_output_dir(recipe: Recipe, args: Any) -> lock.RunLock | None:
+    """Rank 0 locks output_dir for the whole run (the other ranks of a launch belong to the same run);
+    released by `RunLock.release()` at the end of the run, or at exit."""
+    if args.process_index != 0:
+        return None
+    held = lock.acquire(Path(recipe.output_dir))
+    atexit.register(held.release)
+    return held
 
 
 def prepare_output_dir(recipe: Recipe, args: Any, resume: bool, overwrite: bool) -> str | None:
@@ -88,18 +193,21 @@ def prepare_output_dir(recipe: Recipe, args: Any, resume: bool, overwrite: bool)
     """
     out = Path(recipe.output_dir)
     with args.main_process_first(local=False, desc="output_dir"):
-        action, ckpt = _decide(recipe, resume, overwrite)
+        action, ckpt, warnings = _decide(recipe, resume, overwrite)
         if args.process_index == 0:
-            if action == "replace":
-                shutil.rmtree(out)
-            elif action == "restart":
-                for p in out.iterdir():
-                    if CHECKPOINT_RE.match(p.name) or p.name.startswith("final"):
-                        shutil.rmtree(p)
+            doomed = _contents(out) if action == "replace" else _restart_doomed(out) if action == "restart" else []
+            for p in doomed:  # the lock file stays: this run holds it
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
             out.mkdir(parents=True, exist_ok=True)
             write_text_atomic(out / RECIPE_FILE, recipe_yaml(recipe))
-    if ckpt is not None and args.process_index == 0:
-        print(f"sftdist: resuming from {ckpt}", flush=True)
+    if args.process_index == 0:
+        for warning in warnings:
+            click.echo(warning, err=True)
+        if ckpt is not None:
+            print(f"sftdist: resuming from {ckpt}", flush=True)
     return str(ckpt) if ckpt is not None else None
 
 
@@ -108,7 +216,10 @@ class _StopOnSignal:
 
     def __init__(self) -> None:
         self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+
+    def install(self) -> None:
+        # After a first signal, SIGINT keeps the handler `_handle` left (a second Ctrl-C stops at once).
+        for sig in (signal.SIGTERM, signal.SIGUSR1) + (() if self.requested else (signal.SIGINT,)):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -116,11 +227,67 @@ class _StopOnSignal:
         signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
 
 
+_stop: _StopOnSignal | None = None
+
+
+def install_signal_handlers() -> _StopOnSignal:
+    """Record preemption signals from now on, keeping any already recorded. `sftdist train` calls it
+    before its heavy imports: uncaught, SIGUSR1/SIGTERM during imports or model loading would end the
+    run with 138/143, which slurm's requeue does not take for a preemption. The trainer calls it again,
+    in case a library replaced the handlers in between."""
+    global _stop
+    if _stop is None:
+        _stop = _StopOnSignal()
+    _stop.install()
+    return _stop
+
+
+@contextlib.contextmanager
+def _disk_full_is_user_error(path: Path) -> Iterator[None]:
+    """A full disk while saving becomes one line naming `path` (torch reports it as 'unexpected pos N vs M')."""
+    try:
+        yield
+    except Exception as e:
+        if not _disk_full(e, path):
+            raise
+        raise UserError(
+            f"{path}: no space left on device while saving; it is not marked complete. Free some space "
+            "(or lower train.save_total_limit) and run the same command again"
+        ) from None
+
+
+def _disk_full(exc: BaseException | None, path: Path) -> bool:
+    """ENOSPC/EDQUOT in the exception chain or its text (safetensors), or, for writers that lose the
+    errno (torch.save), a filesystem with (almost) no space left."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(text in str(exc) for text in ("No space left on device", "Disk quota exceeded")):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < (1 << 20)  # under 1 MiB left: the write ran out of space
+
+
+def _write_manifest(ckpt: Path) -> None:
+    files = {
+        str(p.relative_to(ckpt)): p.stat().st_size
+        for p in sorted(ckpt.rglob("*"))
+        if p.is_file() and p.name not in (MANIFEST, COMPLETE_MARKER)
+    }
+    write_json_atomic(ckpt / MANIFEST, files)
+
+
 def make_trainer_class(base: type, max_shard_size: str) -> type:
-    """SFTTrainer with atomic, sharded checkpoints and signal-triggered saves."""
+    """SFTTrainer with atomic, verified, sharded checkpoints and signal-triggered saves."""
     from transformers import PreTrainedModel, TrainerCallback
 
-    stop = _StopOnSignal()
+    stop = install_signal_handlers()
 
     class SignalCallback(TrainerCallback):
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
@@ -135,6 +302,13 @@ def make_trainer_class(base: type, max_shard_size: str) -> type:
 
         def __init__(self, *a: Any, **kw: Any) -> None:
             super().__init__(*a, callbacks=[SignalCallback()], **kw)
+
+        def _run_epoch(self, *a: Any, **kw: Any) -> None:
+            # Resumed from a checkpoint at the last step, the Trainer would train one step more.
+            if self.state.global_step >= self.state.max_steps:
+                self.control.should_training_stop = True
+                return
+            super()._run_epoch(*a, **kw)
 
         def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
             # The Trainer has no shard-size setting; save_pretrained's default is one 50GB file.
@@ -152,17 +326,23 @@ def make_trainer_class(base: type, max_shard_size: str) -> type:
                 _write_model_description(self, Path(output_dir or self.args.output_dir))
 
         def _save_checkpoint(self, model: Any, trial: Any) -> None:
+            run_dir = Path(self.args.output_dir)
+            ckpt = run_dir / f"checkpoint-{self.state.global_step}"
+            if self.args.should_save and ckpt.exists():  # a leftover of an earlier try: start it empty
+                shutil.rmtree(ckpt)
+            self.accelerator.wait_for_everyone()
             limit = self.args.save_total_limit
             self.args.save_total_limit = None  # rotate only once the new checkpoint is complete
             try:
-                super()._save_checkpoint(model, trial)
+                with _disk_full_is_user_error(ckpt):
+                    super()._save_checkpoint(model, trial)
             finally:
                 self.args.save_total_limit = limit
             self.accelerator.wait_for_everyone()
             if self.args.should_save:
-                run_dir = Path(self.args.output_dir)
-                ckpt = run_dir / f"checkpoint-{self.state.global_step}"
-                write_json_atomic(ckpt / COMPLETE_MARKER, {"global_step": self.state.global_step})
+                with _disk_full_is_user_error(ckpt):
+                    _write_manifest(ckpt)
+                    write_json_atomic(ckpt / COMPLETE_MARKER, {"global_step": self.state.global_step})
                 _rotate(run_dir, limit)
             self.accelerator.wait_for_everyone()
 
@@ -237,12 +417,14 @@ def save_final(trainer: Any, recipe: Recipe, final: Path) -> None:
         shutil.rmtree(tmp)
     trainer.accelerator.wait_for_everyone()
     distributed.prepare_final_save(trainer)
-    trainer.save_model(str(tmp))
+    with _disk_full_is_user_error(tmp):
+        trainer.save_model(str(tmp))
     trainer.accelerator.wait_for_everyone()
     if main:
         if not has_weights(tmp):
             raise RuntimeError(f"saving the final model wrote no weights into {tmp}; refusing an empty model")
-        write_text_atomic(tmp / RECIPE_FILE, recipe_yaml(recipe))
+        with _disk_full_is_user_error(tmp):
+            write_text_atomic(tmp / RECIPE_FILE, recipe_yaml(recipe))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -29,6 +29,9 @@ def cli() -> None:
 @click.option("--overwrite", is_flag=True, help="Replace another run's output_dir instead of refusing.")
 def train(recipe: str, overrides: tuple[str, ...], no_resume: bool, overwrite: bool) -> None:
     """Train RECIPE in this process (run it under `sftdist launch` or `accelerate launch` for several)."""
+    from sftdist.checkpoint import install_signal_handlers
+
+    install_signal_handlers()  # first: a preemption during the imports and loading below must still exit 75
     from sftdist.recipe import load_recipe
     from sftdist.train import run_training
 

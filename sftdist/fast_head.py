@@ -76,7 +76,8 @@ def row_spans(position_ids: Any, row_length: int) -> list[tuple[int, int]]:
     import torch
 
     pos = position_ids[0]
-    starts = (torch.diff(pos, prepend=pos[:1] - 1) != 1).nonzero().flatten().tolist() + [pos.numel()]
+    # Prepending pos[0] makes the first token a start too (a flat row of one sample has no other).
+    starts = (torch.diff(pos, prepend=pos[:1]) != 1).nonzero().flatten().tolist() + [pos.numel()]
     cap = max(row_length, max(b - a for a, b in zip(starts, starts[1:])))
     spans, begin = [], 0
     for a, b in zip(starts, starts[1:]):

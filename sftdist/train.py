@@ -20,8 +20,8 @@ from sftdist import checkpoint, distributed, fast_head, seqpar
 from sftdist.errors import UserError
 from sftdist.recipe import Recipe, check_train_keys
 
-FINAL_DIR = "final"
-RUN_INFO = "sftdist_run.json"
+FINAL_DIR = checkpoint.FINAL_DIR
+RUN_INFO = checkpoint.RUN_INFO
 
 # Our defaults for trl's SFTConfig; any `train:` key in the recipe wins.
 TRAIN_DEFAULTS: dict[str, Any] = {
@@ -93,6 +93,14 @@ def run_training(recipe: Recipe, resume: bool = True, overwrite: bool = False) -
     from sftdist.model import load_model, load_tokenizer, lora_config
 
     args = build_sft_config(recipe)
+    run_lock = checkpoint.lock_output_dir(recipe, args)  # rank 0: a second run on output_dir stops here
+    finished = checkpoint.finished_run(recipe, resume=resume, overwrite=overwrite)
+    if finished is not None:
+        if run_lock is not None:
+            print(f"sftdist: {recipe.output_dir} is a finished run of this recipe ({finished}); nothing to do "
+                  "(--no-resume trains it again)", flush=True)
+            run_lock.release()
+        return finished
     tokenizer = load_tokenizer(recipe)
     data = prepare(recipe, lambda: tokenizer)
     model = load_model(recipe, tokenizer)
@@ -130,4 +138,6 @@ def run_training(recipe: Recipe, resume: bool = True, overwrite: bool = False) -
         info = {"distributed": state, "metrics": metrics, "final_dir": str(final)}
         checkpoint.write_json_atomic(Path(recipe.output_dir) / RUN_INFO, info)
         print(f"sftdist: saved {final}", flush=True)
+    if run_lock is not None:
+        run_lock.release()
     return final

@@ -16,7 +16,11 @@ import pytest
 import yaml
 
 from conftest import REPO, copy_run, run_cli
-from sftdist.checkpoint import COMPLETE_MARKER, EXIT_PREEMPTED
+from sftdist import checkpoint
+from sftdist.checkpoint import COMPLETE_MARKER, EXIT_PREEMPTED, MANIFEST
+from sftdist.errors import UserError
+from sftdist.lock import LOCK_FILE
+from sftdist.recipe import load_recipe
 
 DEMO = REPO / "sftdist" / "demo" / "train.jsonl"
 
@@ -61,20 +65,73 @@ def test_checkpoints_are_marked_complete(uninterrupted):
         assert (run / f"checkpoint-{step}" / "optimizer.pt").is_file()
         assert (run / f"checkpoint-{step}" / "model.safetensors.index.json").is_file()
         assert len(list((run / f"checkpoint-{step}").glob("model-*.safetensors"))) >= 3  # max_shard_size
+        ckpt = run / f"checkpoint-{step}"
+        files = {str(p.relative_to(ckpt)): p.stat().st_size for p in ckpt.rglob("*")
+                 if p.is_file() and p.name not in (MANIFEST, COMPLETE_MARKER)}
+        assert json.loads((ckpt / MANIFEST).read_text()) == files and "optimizer.pt" in files
+    assert not (run / LOCK_FILE).exists()  # released at the end of the run
 
 
 def test_resume_reproduces_losses_exactly(tmp_path, uninterrupted):
     r, run = uninterrupted
     copy = tmp_path / "copy"
     r2 = copy_run(run, r, copy)
-    shutil.rmtree(copy / "checkpoint-6")
+    # checkpoint-6 is marked complete but its optimizer state was cut short since (it used to be
+    # resumed from, silently inexact or with a traceback): resume falls back to checkpoint-3.
+    optimizer = copy / "checkpoint-6" / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:1000])
     # A kill mid-write of a later checkpoint: the directory exists but has no marker.
     (copy / "checkpoint-9").mkdir()
     (copy / "checkpoint-9" / "model.safetensors").write_bytes(b"partial")
     proc = run_cli("train", str(r2))
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"warning: {copy / 'checkpoint-6'}: optimizer.pt has 1000 bytes, " in proc.stderr
     assert f"resuming from {copy / 'checkpoint-3'}" in proc.stdout
     assert losses(copy) == losses(run)  # exactly equal on CPU
+    assert checkpoint.verify_checkpoint(copy / "checkpoint-6") is None  # written again, whole
+
+
+def test_damaged_checkpoints_fall_back_and_none_left_is_one_line(tmp_path, uninterrupted):
+    r, run = uninterrupted
+    copy = tmp_path / "copy"
+    recipe = load_recipe(copy_run(run, r, copy))
+    (copy / "checkpoint-6" / "scheduler.pt").unlink()
+    action, ckpt, warnings = checkpoint._decide(recipe, resume=True, overwrite=False)
+    assert (action, ckpt) == ("resume", copy / "checkpoint-3")
+    assert warnings == [f"warning: {copy / 'checkpoint-6'}: scheduler.pt is missing; falling back to checkpoint-3"]
+    state = copy / "checkpoint-3" / "trainer_state.json"
+    state.write_text(state.read_text()[:-10])
+    with pytest.raises(UserError) as e:
+        checkpoint._decide(recipe, resume=True, overwrite=False)
+    assert str(e.value) == (
+        f"{copy}: no checkpoint can be resumed ({copy / 'checkpoint-6'}: scheduler.pt is missing; "
+        f"{copy / 'checkpoint-3'}: trainer_state.json has {state.stat().st_size} bytes, "
+        f"{state.stat().st_size + 10} were written); pass --no-resume to start over"
+    )
+
+
+def test_run_stopped_at_its_last_step_finishes_without_training_and_a_rerun_does_nothing(tmp_path, uninterrupted):
+    """checkpoint-6 of a 6-step run without final/ (a SIGTERM in the last step, or a kill during the final
+    save): the next start writes final/ from it; starting a finished run again changes nothing."""
+    from safetensors.torch import load_file
+
+    r, run = uninterrupted
+    copy = tmp_path / "copy"
+    r2 = copy_run(run, r, copy)
+    proc = run_cli("train", str(r2))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"resuming from {copy / 'checkpoint-6'}" in proc.stdout
+    assert sorted(p.name for p in copy.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]  # no step 7
+    assert losses(copy) == losses(run)
+    ckpt = {k: v for f in (copy / "checkpoint-6").glob("model-*.safetensors") for k, v in load_file(f).items()}
+    final = {k: v for f in (copy / "final").glob("model-*.safetensors") for k, v in load_file(f).items()}
+    assert final.keys() == ckpt.keys() and all(final[k].equal(ckpt[k]) for k in final)
+
+    before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    again = run_cli("train", str(r2))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"sftdist: {copy} is a finished run of this recipe ({copy / 'final'}); nothing to do" in again.stdout
+    assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before
 
 
 def test_other_recipe_in_output_dir_is_refused(tmp_path, uninterrupted):

@@ -9,7 +9,7 @@ import torch
 from sftdist import fast_head
 
 
-def _trainer(model_dir, tmp_path, packing: bool):
+def _trainer(model_dir, tmp_path, packing: bool, batch_size: int = 6, lengths=(40, 17, 63, 9, 28, 51)):
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
@@ -18,13 +18,14 @@ def _trainer(model_dir, tmp_path, packing: bool):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     g = torch.Generator().manual_seed(0)
     ids, masks = [], []
-    for n in (40, 17, 63, 9, 28, 51):
+    for n in lengths:
         ids.append(torch.randint(5, model.config.vocab_size - 1, (n,), generator=g).tolist())
         prompt = int(torch.randint(1, n - 1, (1,), generator=g))
         masks.append([0] * prompt + [1] * (n - prompt))
     args = SFTConfig(
         output_dir=str(tmp_path / "out"), max_length=128, packing=packing, padding_free=packing,
-        completion_only_loss=True, per_device_train_batch_size=6, bf16=False, use_cpu=True, report_to="none",
+        completion_only_loss=True, per_device_train_batch_size=batch_size, per_device_eval_batch_size=batch_size,
+        bf16=False, use_cpu=True, report_to="none",
     )
     data = Dataset.from_dict({"input_ids": ids, "completion_mask": masks})
     return SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
@@ -107,3 +108,22 @@ def test_row_spans_keep_samples_whole_and_in_order():
     assert fast_head.row_spans(pos, 5) == [(0, 5), (5, 10), (10, 13)]
     assert fast_head.row_spans(pos, 4) == [(0, 5), (5, 10), (10, 13)]  # a 5-token sample widens the rows to 5
     assert fast_head.row_spans(pos, 100) == [(0, 13)]
+
+
+def test_one_sample_batches_train_and_evaluate(tiny_model, tmp_path):
+    """Batch-1 training on long samples and a one-row eval set: a flat row that holds a single sample (it crashed
+    in row_spans)."""
+    trainer = _trainer(tiny_model, tmp_path, packing=True, batch_size=1, lengths=(100, 90))  # one per 128-token pack
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    length = batch["input_ids"].shape[1]
+    assert batch["input_ids"].shape[0] == 1 and int((batch["position_ids"] == 0).sum()) == 1
+    one_row = trainer.train_dataset.select([0])
+    ref = _loss_and_grads(trainer, batch)
+    ref_eval = trainer.evaluate(one_row)["eval_loss"]
+    assert fast_head.install(trainer)
+    new = _loss_and_grads(trainer, batch)
+    assert new[0].item() == pytest.approx(ref[0].item(), abs=1e-5)
+    for name, g in ref[1].items():
+        assert torch.allclose(new[1][name], g, atol=1e-5, rtol=1e-4), name
+    assert trainer.evaluate(one_row)["eval_loss"] == pytest.approx(ref_eval, abs=1e-5)
+    assert fast_head.row_spans(batch["position_ids"], 16) == [(0, length)]
