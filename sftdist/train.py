@@ -12,11 +12,14 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sftdist import checkpoint, distributed, fast_head
+from sftdist import checkpoint, distributed, fast_head, preflight
 from sftdist.errors import UserError
 from sftdist.recipe import Recipe, check_train_keys
+
+if TYPE_CHECKING:
+    from sftdist.data.pipeline import PreparedData
 
 FINAL_DIR = "final"
 RUN_INFO = "sftdist_run.json"
@@ -82,19 +85,13 @@ def build_sft_config(recipe: Recipe) -> Any:
         raise UserError(f"{recipe.source}: invalid train settings ({str(e).splitlines()[0]})") from None
 
 
-def run_training(recipe: Recipe, resume: bool = True, overwrite: bool = False) -> Path:
-    """Train the recipe in this process (one rank of a launch) and return the final model directory."""
+def build_trainer(recipe: Recipe, args: Any, tokenizer: Any, data: PreparedData, model: Any) -> Any:
+    """trl's SFTTrainer as every run uses it (our checkpointing subclass, LoRA, the CPU head); a
+    function of its own so the tests check the very trainer that trains."""
     from datasets import Dataset
     from trl import SFTTrainer
 
-    from sftdist.data.pipeline import prepare_data
-    from sftdist.model import load_model, load_tokenizer, lora_config
-
-    args = build_sft_config(recipe)
-    tokenizer = load_tokenizer(recipe)
-    data = prepare_data(recipe, tokenizer)
-    model = load_model(recipe, tokenizer)
-    resume_from = checkpoint.prepare_output_dir(recipe, args, resume=resume, overwrite=overwrite)
+    from sftdist.model import lora_config
 
     trainer = checkpoint.make_trainer_class(SFTTrainer, recipe.max_shard_size)(
         model=model,
@@ -105,6 +102,22 @@ def run_training(recipe: Recipe, resume: bool = True, overwrite: bool = False) -
         peft_config=lora_config(recipe) if recipe.method in ("lora", "qlora") else None,
     )
     fast_head.install(trainer)  # CPU: trl's fused head scores every position and attends across the flat batch
+    return trainer
+
+
+def run_training(recipe: Recipe, resume: bool = True, overwrite: bool = False) -> Path:
+    """Train the recipe in this process (one rank of a launch) and return the final model directory."""
+    from sftdist.data.pipeline import prepare_data
+    from sftdist.model import load_model, load_tokenizer
+
+    args = build_sft_config(recipe)
+    preflight.check_recipe(recipe)  # every setting, before output_dir is touched
+    tokenizer = load_tokenizer(recipe)
+    data = prepare_data(recipe, tokenizer)
+    model = load_model(recipe, tokenizer)
+    resume_from = checkpoint.prepare_output_dir(recipe, args, resume=resume, overwrite=overwrite)
+
+    trainer = build_trainer(recipe, args, tokenizer, data, model)
     state = distributed.check_state(trainer)
     if trainer.is_world_process_zero():
         print(f"sftdist: {json.dumps(state)}", flush=True)

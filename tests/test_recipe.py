@@ -191,3 +191,34 @@ def test_shipped_recipes_load_and_their_train_keys_are_valid(path):
     recipe = load_recipe(path)
     check_train_keys(recipe)
     assert recipe.output_dir.startswith("runs/")
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("- model\n- data\n", ["expected a mapping of recipe keys at the top level, got list"]),
+        ("'just a string'\n", ["expected a mapping of recipe keys at the top level, got str"]),
+        ("model: {name_or_path: m}\n1: x\n", ["line 2", "key 1 is not a string"]),
+        ("model: {name_or_path: m}\ntrain: {true: 3}\n", ["line 2", "key True is not a string"]),
+        ("model: {name_or_path: m}\ndata: {train: [{path: d}]}\ntrain: {max_steps: 5, max_steps: 50}\n",
+         ["line 3", "key 'max_steps' appears twice"]),
+        ("model: {name_or_path: a}\nmodel: {name_or_path: b}\n", ["line 2", "key 'model' appears twice"]),
+        ("model: {name_or_path: m}\ndata: 5\n", ["data: expected a mapping of keys, got 5"]),
+        ("model: {name_or_path: m}\ndata: {train: [5]}\n", ["data.train[0]: expected a mapping of keys, got 5"]),
+        ("model: {name_or_path: m}\nlora: [8]\n", ["lora: expected a mapping of keys, got [8]"]),
+    ],
+    ids=["list", "scalar", "int-key", "bool-key", "duplicate-nested", "duplicate-top", "section-scalar",
+         "source-scalar", "section-list"],
+)
+def test_yaml_that_is_not_a_plain_mapping_of_known_keys(tmp_path, text, words):
+    msg = error(tmp_path, text)
+    for w in words:
+        assert w in msg, msg
+
+
+def test_set_into_a_list_or_scalar_names_the_key(tmp_path):
+    msg = error(tmp_path, MINIMAL, "data.train.0.path=x.jsonl")
+    assert "--set 'data.train.0.path=x.jsonl'" in msg and "'data.train' is [" in msg and "not a mapping" in msg
+    assert "'method' is 'full', not a mapping" in error(tmp_path, with_(method="full"), "method.r=4")
+    # An empty section (`lora:` with nothing under it) takes keys.
+    assert load_recipe(write(tmp_path, with_(lora=None)), ["lora.r=4"]).lora.r == 4

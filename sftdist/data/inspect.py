@@ -94,6 +94,9 @@ def report_data(recipe: Recipe) -> None:
 
 def check_data(recipe: Recipe) -> None:
     """Run every data check (tokenizer only, no model); exit 0 silently-but-one-line when all pass."""
+    from sftdist.preflight import check_recipe
+
+    check_recipe(recipe)  # the settings `train` checks before writing (config.json only, no weights)
     _, data = _load(recipe)
     kept = sum(r.kept for r in data.reports)
     click.echo(f"ok: {len(data.reports)} sources, {kept} samples pass every check")
