@@ -31,6 +31,9 @@ def shard_size(ctx: click.Context, param: click.Parameter, value: str | None) ->
 @click.version_option(package_name="sftdist")
 def cli() -> None:
     """Supervised fine-tuning of causal language models (full, LoRA, QLoRA) from a YAML recipe."""
+    from sftdist.quiet import silence_libraries
+
+    silence_libraries()  # before any command imports them; SFTDIST_VERBOSE=1 shows their output
 
 
 @cli.command()

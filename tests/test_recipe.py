@@ -222,3 +222,39 @@ def test_set_into_a_list_or_scalar_names_the_key(tmp_path):
     assert "'method' is 'full', not a mapping" in error(tmp_path, with_(method="full"), "method.r=4")
     # An empty section (`lora:` with nothing under it) takes keys.
     assert load_recipe(write(tmp_path, with_(lora=None)), ["lora.r=4"]).lora.r == 4
+
+
+@pytest.mark.parametrize("text", ["1.5GB", "500mb", "0MB", "-1GB", "5 gigs", "GB"])
+def test_shard_sizes_that_save_pretrained_would_misread_are_refused(text):
+    from sftdist.preflight import check_shard_size
+
+    with pytest.raises(UserError, match=r"max_shard_size .*expected a whole number and a unit"):
+        check_shard_size(text, "max_shard_size")
+
+
+def test_shard_sizes_read_as_save_pretrained_reads_them():
+    from sftdist.preflight import check_shard_size
+
+    assert [check_shard_size(t, "x") for t in ("500MB", "5GB", "2GiB")] == [500 * 10**6, 5 * 10**9, 2 << 30]
+
+
+@pytest.mark.parametrize(
+    "changes, words",
+    [
+        ({"train": {"learning_rate": -1}}, ["train.learning_rate is -1", "positive"]),
+        ({"train": {"learning_rate": "0"}}, ["train.learning_rate is 0.0", "positive"]),
+        ({"method": "lora", "lora": {"r": 0}}, ["lora.r is 0", "positive integer"]),
+        ({"method": "qlora", "lora": {"dropout": 1.0}}, ["lora.dropout is 1.0", "0 <= x < 1"]),
+        ({"method": "lora", "lora": {"target_modules": []}}, ["lora.target_modules is empty"]),
+        ({"max_shard_size": "2.5GB"}, ["max_shard_size '2.5GB'"]),
+    ],
+    ids=["lr-negative", "lr-zero-string", "rank", "dropout", "no-targets", "shard"],
+)
+def test_preflight_values(tmp_path, changes, words):
+    from sftdist.preflight import check_values
+
+    r = load_recipe(write(tmp_path, with_(**changes)))
+    with pytest.raises(UserError) as e:
+        check_values(r)
+    for w in [str(tmp_path / "recipe.yaml"), *words]:
+        assert w in str(e.value), str(e.value)
