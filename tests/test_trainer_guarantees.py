@@ -8,8 +8,8 @@ head included) rather than on a trainer configured by hand:
   completion_only_loss is turned off);
 - loss normalisation: samples of unequal length give the same update with per-device batch 4 x
   accumulation 1 and batch 1 x accumulation 4, with the CPU head and with trl's; the CPU head's
-  `num_items_in_batch` path gives trl's loss. (2 processes x batch 1 x accumulation 2 is
-  tests/test_distributed.py's ddp run against the one-process run, on the launches of tests/launched.py.)
+  `num_items_in_batch` path gives trl's loss. (Across processes: tests/test_distributed.py compares the
+  2-process ddp run with the one-process run of the same global batch, on the launches of tests/launched.py.)
 """
 
 from __future__ import annotations
