@@ -102,13 +102,15 @@ def test_a_sample_does_not_change_another_samples_loss(packed):
     masks = {tuple(s): m for s, m in zip(data.train["input_ids"], data.train["completion_mask"])}
     prompt = masks[tuple(batch["input_ids"][0, first_a:first_b].tolist())].index(1)
     changed = {k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items()}
-    changed["input_ids"][0, first_a:first_a + prompt] = torch.roll(changed["input_ids"][0, first_a:first_a + prompt], 1) + 1
+    prompt_ids = changed["input_ids"][0, first_a:first_a + prompt]
+    prompt_ids.copy_(torch.roll(prompt_ids, 1) + 1)  # other prompt tokens, same length
 
     def per_token(inputs: dict) -> torch.Tensor:
         """Per-token log-probs from the forward `compute_loss` calls (log_probs[i] scores token i + 1)."""
         trainer.model.eval()
         with torch.no_grad():
-            return trainer.model(**trainer._prepare_inputs(dict(inputs)), use_cache=False, fused_lm_head=True).log_probs[0]
+            out = trainer.model(**trainer._prepare_inputs(dict(inputs)), use_cache=False, fused_lm_head=True)
+        return out.log_probs[0]
 
     before, after = per_token(batch), per_token(changed)
     # The changed prompt changes its own sample's loss, and no other sample's.
