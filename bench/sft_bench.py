@@ -7,6 +7,7 @@ the per-repetition ratios, which cancels most of the drift of a machine shared w
 
     python bench/sft_bench.py                       # the full benchmark (see bench/README.md for timings)
     python bench/sft_bench.py --rows 120 --reps 1   # a quick look
+    python bench/sft_bench.py --data path/to/dolly.jsonl   # other dolly rows (default: ../shared/fixtures/dolly-5k)
 
 Extra runs (`--runs A,B,C,C-trl-head,...`) are ablations of C, used to say what each change bought: they run
 `sftdist train` with one change undone (see VARIANTS).
@@ -28,9 +29,14 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = ROOT.parent / "shared" / "fixtures"
-DOLLY = FIXTURES / "dolly-5k" / "train.jsonl"
-TOKENIZER = FIXTURES / "gpt2-tiny-random"
+TOKENIZER = ROOT / "tests" / "fixtures" / "gpt2-tiny-random"
+# Dolly rows (--data, passed to the children through the environment); bench/README.md's figures use the 5,000
+# rows of ../shared/fixtures/dolly-5k. Without them, the 300 rows in tests/fixtures give a quick look.
+DATA_ENV = "SFTDIST_BENCH_DATA"
+DOLLY = ROOT.parent / "shared" / "fixtures" / "dolly-5k" / "train.jsonl"
+if not DOLLY.is_file():
+    DOLLY = ROOT / "tests" / "fixtures" / "dolly-300" / "train.jsonl"
+DOLLY = Path(os.environ.get(DATA_ENV, DOLLY))
 
 # Llama blocks with the GPT-2 vocabulary (50,257): 29.9M parameters, of which the untied output layer holds 12.9M
 # and does ~75% of the per-token matrix work (see ../shared/notes/platform.md, "Where CPU time goes").
@@ -44,12 +50,11 @@ MODEL_SHAPE = {
     "tie_word_embeddings": False,
 }
 
-# The tutorial's settings (A); B changes only `packing`.
+# The tutorial's settings (A); B changes only `packing`. Precision is not among them: see `bf16()`.
 TUTORIAL = {
     "max_length": 512,
     "per_device_train_batch_size": 2,
     "gradient_accumulation_steps": 4,
-    "bf16": False,
 }
 
 # Ablations of C: `sftdist train` with one of our changes undone, to measure what it buys.
@@ -80,6 +85,15 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     with path.open("w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def bf16() -> bool:
+    """The precision of every run, A, B and C alike: bf16 autocast on a GPU that has it (trl's default there,
+    and what sftdist's recipes use), fp32 otherwise (CPU). Left to each run's defaults, A would train in fp32
+    and C in bf16 on a GPU, and the comparison would measure precision."""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
 def _render(row: dict[str, Any]) -> tuple[str, str]:
@@ -161,7 +175,8 @@ def child_setup(work: Path, rows: int, eval_rows: int, lr: float, seed: int) -> 
         },
         # A pack of 512 tokens holds ~3.5 of these samples: 2 per step give an optimizer step ~7 samples, like A's
         # 2 x 4 = 8, so both make about as many updates in the epoch (trl's default of 8 packs makes 3.5x fewer).
-        "train": {"learning_rate": lr, "num_train_epochs": 1, "seed": seed, "per_device_train_batch_size": 2},
+        "train": {"learning_rate": lr, "num_train_epochs": 1, "seed": seed, "per_device_train_batch_size": 2,
+                  "bf16": bf16()},
         "output_dir": str(work / "runs" / "C"),
     }
     (work / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
@@ -187,6 +202,7 @@ def child_trl(work: Path, out: Path, packing: bool, lr: float, seed: int) -> Non
         save_strategy="no",
         report_to="none",
         include_num_input_tokens_seen="all",  # counts padding too: slots, for the padding share
+        bf16=bf16(),
         **TUTORIAL,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
@@ -204,6 +220,7 @@ def child_trl(work: Path, out: Path, packing: bool, lr: float, seed: int) -> Non
         "slots": trainer.state.num_input_tokens_seen,
         "train_loss": result.metrics["train_loss"],
         "gradient_checkpointing": args.gradient_checkpointing,
+        "bf16": args.bf16,
     }
     (out / "bench.json").write_text(json.dumps(info), encoding="utf-8")
 
@@ -239,6 +256,7 @@ def child_sftdist(work: Path, out: Path, extra: list[str]) -> None:
         "slots": slots,  # trl's count: every position of each (padding-free) batch
         "train_loss": run["metrics"]["train_loss"],
         "gradient_checkpointing": "train.gradient_checkpointing=true" in extra,
+        "bf16": bf16(),
     }
     (out / "bench.json").write_text(json.dumps(info), encoding="utf-8")
 
@@ -264,7 +282,8 @@ def child_eval(work: Path, model_dir: Path, out: Path) -> None:
 
 
 def child_prep(which: str, out: Path, max_length: int) -> None:
-    """Tokenize + pack the 5,000 dolly rows, timed after imports and tokenizer loading."""
+    """Tokenize + pack every row of the data (5,000 dolly rows in bench/README.md), timed after imports and
+    tokenizer loading."""
     import datasets
 
     datasets.disable_caching()  # a cached `map` would time a cache read on the second repetition
@@ -345,7 +364,7 @@ def train_one(work: Path, name: str, rep: int, opts: argparse.Namespace) -> dict
                           "--out", str(out / "eval.json")), out / "eval_log.txt")
     _check(rc, f"eval of {name} (rep {rep})", out / "eval_log.txt")
     info.update(json.loads((out / "eval.json").read_text(encoding="utf-8")))
-    info.update(name=name, rep=rep, process_seconds=wall, peak_rss_mib=rss)
+    info.update(name=name, rep=rep, process_seconds=wall, peak_rss_mib=rss, bf16=info.get("bf16", False))
     info["samples_per_s"] = info["samples"] / info["train_seconds"]
     info["samples_per_cpu_s"] = info["samples"] / info["train_cpu_seconds"]
     info["tokens_per_s"] = info["real_tokens"] / info["train_seconds"]
@@ -406,7 +425,8 @@ def report(results: list[dict[str, Any]], names: list[str], prep: dict | None, h
     lines = [
         f"Model: Llama, {MODEL_SHAPE['num_hidden_layers']} layers, hidden {MODEL_SHAPE['hidden_size']}, "
         f"{size:,} parameters (GPT-2 vocabulary). Data: {first['samples']} dolly rows for one epoch, eval loss on "
-        f"{opts.eval_rows} held-out rows; lr {opts.lr}; {opts.reps} alternating repetitions (medians shown).",
+        f"{opts.eval_rows} held-out rows; lr {opts.lr}; {'bf16 autocast' if first['bf16'] else 'fp32'} for every run; "
+        f"{opts.reps} alternating repetitions (medians shown).",
         "",
         "| run | samples/s | samples/CPU-s | real tokens/s | padding share | peak RSS MiB | optimizer steps | eval loss |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -427,7 +447,8 @@ def report(results: list[dict[str, Any]], names: list[str], prep: dict | None, h
         lines.append(f"- {num}/{den} samples/s: **{wall:.2f}x** (per repetition {', '.join(f'{x:.2f}' for x in each)}; "
                      f"per CPU-second {cpu:.2f}x)")
     if prep:
-        lines.append(f"- data preparation, tokenize + pack the 5,000 dolly rows (median of {opts.prep_reps}): trl "
+        n = sum(1 for line in opts.data.open(encoding="utf-8") if line.strip())
+        lines.append(f"- data preparation, tokenize + pack the {n:,} dolly rows (median of {opts.prep_reps}): trl "
                      f"`_prepare_dataset` {prep['trl_s']:.1f} s, sftdist pipeline + trl packing {prep['sftdist_s']:.1f} s: "
                      f"**{prep['speedup']:.2f}x** ({prep['packs']['trl']} and {prep['packs']['sftdist']} packs of "
                      f"{TUTORIAL['max_length']} tokens)")
@@ -443,6 +464,7 @@ def main() -> None:
     ap.add_argument("--eval-rows", type=int, default=100, help="held-out rows (default 100)")
     ap.add_argument("--reps", type=int, default=3, help="alternating repetitions (default 3)")
     ap.add_argument("--runs", default="A,B,C", help=f"comma-separated, among A, B, {', '.join(VARIANTS)}")
+    ap.add_argument("--data", type=Path, default=DOLLY, help=f"dolly-format jsonl (default {DOLLY})")
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--prep-reps", type=int, default=3, help="data-preparation repetitions (0: skip)")
@@ -457,6 +479,7 @@ def main() -> None:
     ap.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("extra", nargs="*", help=argparse.SUPPRESS)
     opts = ap.parse_args()
+    os.environ[DATA_ENV] = str(opts.data.resolve())
 
     if opts.child:
         os.environ.update(ENV)

@@ -14,12 +14,26 @@ import click
 from sftdist.errors import EXIT_USER_ERROR, UserError
 
 SET_HELP = "Override a recipe key, e.g. --set train.max_steps=50 (repeatable)."
+PORT = click.IntRange(1, 65535)
+COUNT = click.IntRange(min=1)
+
+
+def shard_size(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Check a --max-shard-size before any work starts (it is otherwise read at the first write)."""
+    if value is not None:
+        from sftdist.preflight import check_shard_size
+
+        check_shard_size(value, param.opts[0])
+    return value
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="sftdist")
 def cli() -> None:
     """Supervised fine-tuning of causal language models (full, LoRA, QLoRA) from a YAML recipe."""
+    from sftdist.quiet import silence_libraries
+
+    silence_libraries()  # before any command imports them; SFTDIST_VERBOSE=1 shows their output
 
 
 @cli.command()
@@ -47,11 +61,11 @@ def train(recipe: str, overrides: tuple[str, ...], no_resume: bool, overwrite: b
     help="single, ddp, fsdp2, zero1, zero2, zero3, zero3-offload, auto (the fastest that `sftdist plan` says "
     "fits), or the path of your own accelerate config.",
 )
-@click.option("--num-processes", type=int, help="Processes per machine [default: visible GPUs; required on CPU].")
-@click.option("--num-machines", type=int, default=1, show_default=True)
-@click.option("--machine-rank", type=int, default=0, show_default=True, help="This machine's rank (0 hosts the group).")
+@click.option("--num-processes", type=COUNT, help="Processes per machine [default: visible GPUs; required on CPU].")
+@click.option("--num-machines", type=COUNT, default=1, show_default=True)
+@click.option("--machine-rank", type=click.IntRange(min=0), default=0, show_default=True, help="This machine's rank (0 hosts the group).")
 @click.option("--main-process-ip", help="Address of the rank-0 machine (needed with --num-machines > 1).")
-@click.option("--main-process-port", type=int, help="Port on the rank-0 machine [default: 29500].")
+@click.option("--main-process-port", type=PORT, help="Port on the rank-0 machine [default: 29500].")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--no-resume", is_flag=True, help="Passed to `sftdist train`.")
 @click.option("--overwrite", is_flag=True, help="Passed to `sftdist train`.")
@@ -147,9 +161,9 @@ def prepare(recipe: str, overrides: tuple[str, ...], force: bool) -> None:
 @click.option("--compare", "base_dir", type=click.Path(file_okay=False), help="Also answer with this base model.")
 @click.option("--prompts-file", type=click.Path(dir_okay=False), help="One prompt per line, or a jsonl data file.")
 @click.option("--prompt", "prompts", multiple=True, help="A prompt (repeatable).")
-@click.option("--max-new-tokens", default=64, show_default=True)
-@click.option("--temperature", default=0.7, show_default=True)
-@click.option("--top-p", default=0.9, show_default=True)
+@click.option("--max-new-tokens", type=COUNT, default=64, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=0.7, show_default=True)
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.9, show_default=True)
 @click.option("--greedy", is_flag=True, help="Greedy decoding (ignores temperature/top-p).")
 @click.option("--seed", default=0, show_default=True)
 def generate(
@@ -195,7 +209,7 @@ def make_tiny_model_cmd(out_dir: str, seed: int) -> None:
 @click.option("--adapter", required=True, metavar="DIR", help="The peft LoRA adapter directory (e.g. a run's final/).")
 @click.option("--out", required=True, metavar="DIR", help="New directory for the merged model (absent or empty).")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), help="Output dtype [default: the base's].")
-@click.option("--max-shard-size", metavar="SIZE", help="Re-shard the output, e.g. 2GB [default: one output shard per base shard].")
+@click.option("--max-shard-size", metavar="SIZE", callback=shard_size, help="Re-shard the output, e.g. 2GB [default: one output shard per base shard].")
 @click.option("--device", default="cpu", show_default=True, help="Where the merge arithmetic runs.")
 @click.option("--no-verify", is_flag=True, help="Skip comparing logits with base + adapter (loads the whole model).")
 @click.option(
@@ -267,7 +281,7 @@ def plan(
 @click.argument("checkpoint", type=click.Path(file_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="New directory for the model.")
 @click.option("--merge", is_flag=True, help="For a LoRA/QLoRA checkpoint: merge the adapter into its base.")
-@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors shard.")
+@click.option("--max-shard-size", default="5GB", show_default=True, callback=shard_size, help="Largest safetensors shard.")
 def export(checkpoint: str, out: str, merge: bool, max_shard_size: str) -> None:
     """Turn any checkpoint (single, DDP, ZeRO, FSDP2, LoRA) into a Hugging Face model directory."""
     from sftdist.export import export_checkpoint
@@ -285,8 +299,8 @@ def main() -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
-    except click.ClickException as e:
-        e.show()
+    except click.ClickException as e:  # one line, like ours (click's own adds usage and a help hint)
+        click.echo(f"error: {e.format_message()}", err=True)
         sys.exit(EXIT_USER_ERROR)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)

@@ -162,13 +162,14 @@ def lora_config(recipe: Recipe) -> Any:
     )
 
 
-def load_model(recipe: Recipe, tokenizer: Any) -> Any:
-    """The model in the recipe's dtype and attention, resized for an added pad token."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def load_config(recipe: Recipe) -> Any:
+    """The model's config.json (no weights), with one-line errors for what users get wrong."""
+    from transformers import AutoConfig
 
     m = recipe.model
+    check_model_path(m.name_or_path)
     try:
-        config = AutoConfig.from_pretrained(m.name_or_path, trust_remote_code=m.trust_remote_code)
+        return AutoConfig.from_pretrained(m.name_or_path, trust_remote_code=m.trust_remote_code)
     except (OSError, ValueError) as e:
         if "trust_remote_code" in str(e):
             raise UserError(
@@ -176,12 +177,24 @@ def load_model(recipe: Recipe, tokenizer: Any) -> Any:
                 f"run unless {recipe.source} sets model.trust_remote_code: true"
             ) from None
         raise UserError(f"{m.name_or_path}: could not read config.json ({str(e).strip().splitlines()[0]})") from None
+
+
+def check_context(recipe: Recipe, config: Any) -> None:
+    """data.max_length must fit the model's context (position embeddings beyond it do not exist)."""
     ctx = model_context_length(config)
     if ctx is not None and recipe.data.max_length > ctx:
         raise UserError(
             f"{recipe.source}: data.max_length={recipe.data.max_length} is above the context of "
-            f"{m.name_or_path} ({ctx} tokens); lower data.max_length"
+            f"{recipe.model.name_or_path} ({ctx} tokens); lower data.max_length"
         )
+
+
+def load_model(recipe: Recipe, tokenizer: Any) -> Any:
+    """The model in the recipe's dtype and attention, resized for an added pad token."""
+    from transformers import AutoModelForCausalLM
+
+    m = recipe.model
+    check_context(recipe, load_config(recipe))
     kwargs: dict[str, Any] = {
         "dtype": resolve_dtype(m.dtype, f"{recipe.source}: model.dtype", trainable=recipe.method == "full"),
         "attn_implementation": resolve_attention(recipe),

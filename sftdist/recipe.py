@@ -125,6 +125,28 @@ class Recipe:
         return d
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """yaml's safe loader, refusing what it would otherwise accept silently: a key given twice (PyYAML
+    keeps the last) and a key that is not a string (`1:`, `true:`, `null:`), which names no setting."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[str] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, str):
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is not a string; keys are setting names", key_node.start_mark
+                )
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' appears twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _choices_error(where: str, value: Any, choices: tuple[str, ...]) -> UserError:
     return UserError(f"{where}: '{value}' is not valid; expected one of: {', '.join(choices)}")
 
@@ -227,10 +249,15 @@ def apply_overrides(raw: dict[str, Any], overrides: tuple[str, ...] | list[str])
     for item in overrides:
         keys, value = _parse_override(item)
         node = raw
-        for k in keys[:-1]:
-            if not isinstance(node.get(k), dict):
-                node[k] = {}
-            node = node[k]
+        for i, k in enumerate(keys[:-1]):
+            child = node.get(k)
+            if child is not None and not isinstance(child, dict):
+                where = ".".join(keys[: i + 1])
+                raise UserError(f"--set {item!r}: '{where}' is {child!r}, not a mapping of keys; set it whole, "
+                                f"e.g. --set '{where}=...'")
+            if child is None:  # absent, or an empty section (`lora:` with nothing under it)
+                child = node[k] = {}
+            node = child
         node[keys[-1]] = value
     return raw
 
@@ -292,7 +319,7 @@ def load_recipe(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -
     if not p.is_file():
         raise UserError(f"{p}: recipe file not found")
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        raw = yaml.load(p.read_text(encoding="utf-8"), Loader=_RecipeLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

@@ -14,11 +14,14 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sftdist import checkpoint, distributed, fast_head, seqpar
+from sftdist import checkpoint, distributed, fast_head, preflight, seqpar
 from sftdist.errors import UserError
 from sftdist.recipe import Recipe, check_train_keys
+
+if TYPE_CHECKING:
+    from sftdist.data.pipeline import Prepared
 
 FINAL_DIR = checkpoint.FINAL_DIR
 RUN_INFO = checkpoint.RUN_INFO
@@ -85,14 +88,33 @@ def build_sft_config(recipe: Recipe) -> Any:
         raise UserError(f"{recipe.source}: invalid train settings ({str(e).splitlines()[0]})") from None
 
 
-def run_training(recipe: Recipe, resume: bool = True, overwrite: bool = False) -> Path:
-    """Train the recipe in this process (one rank of a launch) and return the final model directory."""
+def build_trainer(recipe: Recipe, args: Any, tokenizer: Any, data: Prepared, model: Any) -> Any:
+    """trl's SFTTrainer as every run uses it (our checkpointing subclass, LoRA, the CPU head); a
+    function of its own so the tests check the very trainer that trains."""
     from trl import SFTTrainer
 
+    from sftdist.model import lora_config
+
+    trainer = checkpoint.make_trainer_class(SFTTrainer, recipe.max_shard_size)(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        processing_class=tokenizer,
+        peft_config=lora_config(recipe) if recipe.method in ("lora", "qlora") else None,
+    )
+    fast_head.install(trainer)  # CPU: trl's fused head scores every position and attends across the flat batch
+    seqpar.install(trainer, recipe)  # sequence parallelism: the loss and resume that single training has
+    return trainer
+
+
+def run_training(recipe: Recipe, resume: bool = True, overwrite: bool = False) -> Path:
+    """Train the recipe in this process (one rank of a launch) and return the final model directory."""
     from sftdist.data.pipeline import prepare
-    from sftdist.model import load_model, load_tokenizer, lora_config
+    from sftdist.model import load_model, load_tokenizer
 
     args = build_sft_config(recipe)
+    preflight.check_recipe(recipe)  # every setting, before output_dir is touched
     run_lock = checkpoint.lock_output_dir(recipe, args)  # rank 0: a second run on output_dir stops here
     finished = checkpoint.finished_run(recipe, resume=resume, overwrite=overwrite)
     if finished is not None:
@@ -106,16 +128,7 @@ def run_training(recipe: Recipe, resume: bool = True, overwrite: bool = False) -
     model = load_model(recipe, tokenizer)
     resume_from = checkpoint.prepare_output_dir(recipe, args, resume=resume, overwrite=overwrite)
 
-    trainer = checkpoint.make_trainer_class(SFTTrainer, recipe.max_shard_size)(
-        model=model,
-        args=args,
-        train_dataset=data.train,
-        eval_dataset=data.eval,
-        processing_class=tokenizer,
-        peft_config=lora_config(recipe) if recipe.method in ("lora", "qlora") else None,
-    )
-    fast_head.install(trainer)  # CPU: trl's fused head scores every position and attends across the flat batch
-    seqpar.install(trainer, recipe)  # sequence parallelism: the loss and resume that single training has
+    trainer = build_trainer(recipe, args, tokenizer, data, model)
     state = distributed.check_state(trainer)
     if trainer.is_world_process_zero():
         print(f"sftdist: {json.dumps(state)}", flush=True)

@@ -1,4 +1,4 @@
-"""Shared test fixtures: the offline environment, the shared fixtures folder, the tiny model."""
+"""Shared test fixtures: the offline environment, the fixtures inside tests/fixtures, the tiny model."""
 
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 os.environ["SFTDIST_CACHE"] = tempfile.mkdtemp(prefix="sftdist-test-cache-")
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-DOLLY = SHARED / "fixtures" / "dolly-5k" / "train.jsonl"
-GPT2_TINY = SHARED / "fixtures" / "gpt2-tiny-random"
+FIXTURES = REPO / "tests" / "fixtures"  # inside the project, so a bare clone's suite passes
+DOLLY = FIXTURES / "dolly-300" / "train.jsonl"
+GPT2_TINY = FIXTURES / "gpt2-tiny-random"
 
 
 @pytest.fixture(scope="session")

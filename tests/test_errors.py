@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -27,16 +26,6 @@ import yaml
 from conftest import GPT2_TINY, REPO, run_cli
 from sftdist.checkpoint import COMPLETE_MARKER, EXIT_PREEMPTED
 
-# Lines libraries print on import or on every run, whatever the input; the user sees them too, but they
-# are not part of our message. The gradient_checkpointing FutureWarning comes from train.py's defaults
-# passing the deprecated name (reported for a fix there).
-NOISE = re.compile(
-    r"Failed to load CPU gemm_4bit_forward"
-    r"|\[real_accelerator\.py:\d+:get_accelerator\] Setting accelerator to CPU"
-    r"|FutureWarning: `gradient_checkpointing` is deprecated"
-    r"|^\s+warnings\.warn\("
-    r"|\d+%\|.*\| *\d+/\d+ \["  # progress bars (loading weights)
-)
 GOOD = {"instruction": "Say hi.", "context": "", "response": "Hi."}
 LONG = {"instruction": "Count.", "context": "", "response": " ".join(["one two three four five"] * 20)}
 
@@ -336,6 +325,79 @@ def c20_output_dir_of_foreign_files(d, ctx):
     return train(d, ctx), ("run", "not an sftdist run", "--overwrite")
 
 
+# --- settings checked before anything is written (preflight.py), by `train` and by `data --check` ---------
+@case
+def c24_negative_learning_rate(d, ctx):
+    return train(d, ctx, train={"learning_rate": -1e-4}), ("recipe.yaml", "train.learning_rate is -0.0001", "positive")
+
+
+@case
+def c24_lora_rank_zero(d, ctx):
+    return train(d, ctx, method="lora", lora={"r": 0}), ("recipe.yaml", "lora.r is 0", "positive integer")
+
+
+@case
+def c24_target_modules_match_nothing(d, ctx):
+    # c_attn is GPT-2's name; the tiny model is a Llama (q_proj, ...). peft would fail after output_dir is claimed.
+    return train(d, ctx, method="lora", lora={"target_modules": ["c_attn"]}), ("recipe.yaml", "lora", "{'c_attn'}", "not found")
+
+
+@case
+def c24_target_modules_match_nothing_data_check(d, ctx):
+    argv = data_check(d, ctx, [GOOD], method="qlora", lora={"target_modules": ["c_attn"]})
+    return argv, ("recipe.yaml", "lora", "{'c_attn'}", "not found")
+
+
+@case
+def c24_max_shard_size_unparsable(d, ctx):
+    # transformers' save_pretrained rejects '1.5GB' only at the first checkpoint.
+    return train(d, ctx, max_shard_size="1.5GB"), ("recipe.yaml", "max_shard_size '1.5GB'", "500MB, 5GB or 2GiB")
+
+
+@case
+def c24_max_length_above_context_data_check(d, ctx):
+    return data_check(d, ctx, [GOOD], data={"max_length": 4096}), ("recipe.yaml", "data.max_length=4096", "2048 tokens")
+
+
+# --- flags, range-checked by the CLI before any work ----------------------------------------------------
+@case
+def c25_generate_temperature_zero(d, ctx):
+    return ["generate", str(ctx.tiny), "--prompt", "hi", "--temperature", "0"], ("--temperature", "0.0", "x>0")
+
+
+@case
+def c25_generate_top_p_above_one(d, ctx):
+    return ["generate", str(ctx.tiny), "--prompt", "hi", "--top-p", "1.5"], ("--top-p", "1.5", "0<x<=1")
+
+
+@case
+def c25_generate_no_new_tokens(d, ctx):
+    return ["generate", str(ctx.tiny), "--prompt", "hi", "--max-new-tokens", "0"], ("--max-new-tokens", "x>=1")
+
+
+@case
+def c25_export_shard_size(d, ctx):
+    return ["export", str(ctx.tiny), "--out", str(d / "exported"), "--max-shard-size", "5 gigs"], ("--max-shard-size", "'5 gigs'")
+
+
+@case
+def c25_merge_shard_size(d, ctx):
+    argv = ["merge-adapter", "--base", str(ctx.tiny), "--adapter", str(d), "--out", str(d / "merged"),
+            "--max-shard-size", "1.5GB"]
+    return argv, ("--max-shard-size", "'1.5GB'", "whole number")
+
+
+@case
+def c25_launch_port_out_of_range(d, ctx):
+    argv = ["launch", train(d, ctx)[1], "--strategy", "ddp", "--num-processes", "2", "--main-process-port", "70000"]
+    return argv, ("--main-process-port", "70000", "1<=x<=65535")
+
+
+@case
+def c25_launch_no_processes(d, ctx):
+    return ["launch", train(d, ctx)[1], "--strategy", "ddp", "--num-processes", "0"], ("--num-processes", "x>=1")
+
+
 # --- export and merge (21-23) -----------------------------------------------------------------------
 @case
 def c21_adapter_of_another_architecture(d, ctx):
@@ -404,7 +466,8 @@ def results(request, tmp_path_factory, tiny_model) -> dict[str, tuple[Any, dict,
 
 
 def message_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.strip() and not NOISE.search(line)]
+    """Every line on stderr: the libraries' own warnings and progress bars are silenced (sftdist/quiet.py)."""
+    return [line for line in stderr.splitlines() if line.strip()]
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

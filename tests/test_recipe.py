@@ -191,3 +191,70 @@ def test_shipped_recipes_load_and_their_train_keys_are_valid(path):
     recipe = load_recipe(path)
     check_train_keys(recipe)
     assert recipe.output_dir.startswith("runs/")
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("- model\n- data\n", ["expected a mapping of recipe keys at the top level, got list"]),
+        ("'just a string'\n", ["expected a mapping of recipe keys at the top level, got str"]),
+        ("model: {name_or_path: m}\n1: x\n", ["line 2", "key 1 is not a string"]),
+        ("model: {name_or_path: m}\ntrain: {true: 3}\n", ["line 2", "key True is not a string"]),
+        ("model: {name_or_path: m}\ndata: {train: [{path: d}]}\ntrain: {max_steps: 5, max_steps: 50}\n",
+         ["line 3", "key 'max_steps' appears twice"]),
+        ("model: {name_or_path: a}\nmodel: {name_or_path: b}\n", ["line 2", "key 'model' appears twice"]),
+        ("model: {name_or_path: m}\ndata: 5\n", ["data: expected a mapping of keys, got 5"]),
+        ("model: {name_or_path: m}\ndata: {train: [5]}\n", ["data.train[0]: expected a mapping of keys, got 5"]),
+        ("model: {name_or_path: m}\nlora: [8]\n", ["lora: expected a mapping of keys, got [8]"]),
+    ],
+    ids=["list", "scalar", "int-key", "bool-key", "duplicate-nested", "duplicate-top", "section-scalar",
+         "source-scalar", "section-list"],
+)
+def test_yaml_that_is_not_a_plain_mapping_of_known_keys(tmp_path, text, words):
+    msg = error(tmp_path, text)
+    for w in words:
+        assert w in msg, msg
+
+
+def test_set_into_a_list_or_scalar_names_the_key(tmp_path):
+    msg = error(tmp_path, MINIMAL, "data.train.0.path=x.jsonl")
+    assert "--set 'data.train.0.path=x.jsonl'" in msg and "'data.train' is [" in msg and "not a mapping" in msg
+    assert "'method' is 'full', not a mapping" in error(tmp_path, with_(method="full"), "method.r=4")
+    # An empty section (`lora:` with nothing under it) takes keys.
+    assert load_recipe(write(tmp_path, with_(lora=None)), ["lora.r=4"]).lora.r == 4
+
+
+@pytest.mark.parametrize("text", ["1.5GB", "500mb", "0MB", "-1GB", "5 gigs", "GB"])
+def test_shard_sizes_that_save_pretrained_would_misread_are_refused(text):
+    from sftdist.preflight import check_shard_size
+
+    with pytest.raises(UserError, match=r"max_shard_size .*expected a whole number and a unit"):
+        check_shard_size(text, "max_shard_size")
+
+
+def test_shard_sizes_read_as_save_pretrained_reads_them():
+    from sftdist.preflight import check_shard_size
+
+    assert [check_shard_size(t, "x") for t in ("500MB", "5GB", "2GiB")] == [500 * 10**6, 5 * 10**9, 2 << 30]
+
+
+@pytest.mark.parametrize(
+    "changes, words",
+    [
+        ({"train": {"learning_rate": -1}}, ["train.learning_rate is -1", "positive"]),
+        ({"train": {"learning_rate": "0"}}, ["train.learning_rate is 0.0", "positive"]),
+        ({"method": "lora", "lora": {"r": 0}}, ["lora.r is 0", "positive integer"]),
+        ({"method": "qlora", "lora": {"dropout": 1.0}}, ["lora.dropout is 1.0", "0 <= x < 1"]),
+        ({"method": "lora", "lora": {"target_modules": []}}, ["lora.target_modules is empty"]),
+        ({"max_shard_size": "2.5GB"}, ["max_shard_size '2.5GB'"]),
+    ],
+    ids=["lr-negative", "lr-zero-string", "rank", "dropout", "no-targets", "shard"],
+)
+def test_preflight_values(tmp_path, changes, words):
+    from sftdist.preflight import check_values
+
+    r = load_recipe(write(tmp_path, with_(**changes)))
+    with pytest.raises(UserError) as e:
+        check_values(r)
+    for w in [str(tmp_path / "recipe.yaml"), *words]:
+        assert w in str(e.value), str(e.value)

@@ -85,6 +85,9 @@ def report_data(recipe: Recipe, force: bool = False) -> None:
 
 def check_data(recipe: Recipe) -> None:
     """Run every data check (tokenizer only, no model); exit 0 with one line when all pass."""
+    from sftdist.preflight import check_recipe
+
+    check_recipe(recipe)  # the settings `train` checks before writing (config.json only, no weights)
     data = load(recipe, progress=False)
     kept = sum(r.kept for r in data.report.sources)
     click.echo(f"ok: {len(data.report.sources)} sources, {kept} samples pass every check")
