@@ -3,7 +3,9 @@ the checkpoint tests under each strategy (test_distributed_checkpoints): each (m
 trains once per test session.
 
 Every run trains the same recipe with the same global batch of 4 sequences per optimizer step:
-`single` is 1 process x batch 2 x accumulation 2; the others are 2 processes x batch 2. Each saves a
+`single` is 1 process x batch 2 x accumulation 2; `ddp` is 2 processes x batch 1 x accumulation 2
+(so the loss normalisation across processes and accumulation steps is compared with one process);
+the others are 2 processes x batch 2. Each saves a
 checkpoint at steps 2 and 4 (SAVE_STEPS), so that resume and export are tested on what the strategy
 really writes.
 """
@@ -28,7 +30,8 @@ WEIGHT_ATOL = 5e-5
 _runs: dict[tuple[str, str], Path] = {}
 
 
-def write_recipe(path: Path, model: Path, data: Path, method: str, accumulation: int, output_dir: Path) -> None:
+def write_recipe(path: Path, model: Path, data: Path, method: str, accumulation: int, output_dir: Path,
+                 batch: int = 2) -> None:
     recipe = {
         "model": {"name_or_path": str(model)},
         "method": method,
@@ -37,7 +40,7 @@ def write_recipe(path: Path, model: Path, data: Path, method: str, accumulation:
         "train": {
             "max_steps": STEPS,
             "save_steps": SAVE_STEPS,
-            "per_device_train_batch_size": 2,
+            "per_device_train_batch_size": batch,
             "gradient_accumulation_steps": accumulation,
             "learning_rate": 5e-3 if method != "full" else 1e-3,
             "lr_scheduler_type": "constant",
@@ -67,7 +70,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, data: Pa
     key = (method, strategy)
     if key not in _runs:
         root = tmp_path_factory.mktemp(f"{method}-{strategy}")
-        write_recipe(root / "recipe.yaml", tiny_model, data, method, 2 if strategy == "single" else 1, root / "run")
+        batch, accumulation = {"single": (2, 2), "ddp": (1, 2)}.get(strategy, (2, 1))
+        write_recipe(root / "recipe.yaml", tiny_model, data, method, accumulation, root / "run", batch)
         # A data cache of its own, so that each launch builds its entry (test_cache reads the log).
         proc = launch(root / "recipe.yaml", strategy, env={"SFTDIST_CACHE": str(root / "cache")})
         (root / "launch.log").write_text(proc.stdout)

@@ -2,7 +2,9 @@
 the strategy does not change what is learned.
 
 Every run (tests/launched.py) trains the same recipe with the same global batch of 4 sequences per
-optimizer step: `single` is 1 process x batch 2 x accumulation 2; the others are 2 processes x batch 2.
+optimizer step: `single` is 1 process x batch 2 x accumulation 2; `ddp` is 2 processes x batch 1 x
+accumulation 2 (samples of unequal length, so a loss normalised per micro-batch or per process would
+differ); the others are 2 processes x batch 2.
 Each run must prove it was distributed (the distributed type, 2 processes, and in every step the tokens of
 both micro-batches), and its per-step losses and final weights must match `single`.
 
