@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = Path(os.environ.get("SFTDIST_BENCH_MODEL", ROOT / "tests" / "fixtures" / "gpt2-tiny-random"))
+MODEL = ROOT / "tests" / "fixtures" / "gpt2-tiny-random"
 ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "true"}
 
 
@@ -143,7 +143,8 @@ def _child(work: Path, name: str, *args: str) -> tuple[dict[str, Any], float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=ROOT / "tests" / "fixtures" / "dolly-500" / "train.jsonl")
+    ap.add_argument("--data", type=Path, default=ROOT / "tests" / "fixtures" / "dolly-300" / "train.jsonl",
+                    help="dolly rows to repeat (the bundled 300, or e.g. ../shared/fixtures/dolly-5k/train.jsonl)")
     ap.add_argument("--rows", default="100000,200000", help="comma-separated row counts")
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "sftdist-data-bench")
