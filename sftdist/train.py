@@ -113,8 +113,10 @@ def run_training(recipe: Recipe, resume: bool = True, overwrite: bool = False) -
     from sftdist.data.pipeline import prepare
     from sftdist.model import load_model, load_tokenizer
 
+    # Every setting, before output_dir is touched; before the SFTConfig too, whose DeepSpeed ZeRO-3
+    # config would make transformers build preflight's meta-device model as ZeRO-3 partitions.
+    preflight.check_recipe(recipe)
     args = build_sft_config(recipe)
-    preflight.check_recipe(recipe)  # every setting, before output_dir is touched
     run_lock = checkpoint.lock_output_dir(recipe, args)  # rank 0: a second run on output_dir stops here
     finished = checkpoint.finished_run(recipe, resume=resume, overwrite=overwrite)
     if finished is not None:

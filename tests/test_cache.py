@@ -111,6 +111,7 @@ def test_each_fingerprint_input_changed_alone_makes_a_new_entry(tmp_path, tiny_m
         "eval_fraction": with_data(eval_fraction=0.1),
         "seed": with_data(seed=1),
         "eval source": with_data(eval=[{"path": str(data)}]),
+        "train.shuffle_dataset": {**base, "train": {"shuffle_dataset": True}},
     }
     seen = {ref}
     for name, raw in variants.items():

@@ -187,8 +187,8 @@ def c10_ends_on_user_turn(d, ctx):
 @case
 def c11_chat_format_without_template(d, ctx):
     rows = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}]
-    return data_check(d, ctx, rows, model=GPT2_TINY), ("format 'messages'", "needs a chat template", "gpt2-tiny-random",
-                                                        "data.chat_template")
+    return data_check(d, ctx, rows, model=GPT2_TINY), ("data.jsonl line 1", "chat rows need a chat template",
+                                                        "gpt2-tiny-random", "data.chat_template")
 
 
 @case

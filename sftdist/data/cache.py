@@ -122,9 +122,12 @@ def fingerprint_inputs(recipe: Recipe, load_tokenizer: Callable[[], Any]) -> dic
     for role in ("train", "eval"):
         for src in data[role]:
             src["identity"] = _source_identity(src["path"])
+    from sftdist.data.pipeline import shuffled
+
     return {
         "version": ENCODING_VERSION,
         "data": data,
+        "shuffle_dataset": shuffled(recipe),
         "tokenizer": _tokenizer_identity(recipe, load_tokenizer),
         "pad_token": PAD_TOKEN,
     }

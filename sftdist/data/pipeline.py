@@ -24,7 +24,7 @@ from typing import Any, Callable
 import click
 
 from sftdist.data.encode import Encoded, Encoder, stop_token_ids
-from sftdist.data.formats import CHAT_FORMATS, SELECT_FORMATS, render_rows
+from sftdist.data.formats import SELECT_FORMATS, render_rows
 from sftdist.data.load import iter_source
 from sftdist.errors import UserError
 from sftdist.recipe import Recipe, SourceConfig
@@ -150,18 +150,12 @@ def _encode_in_worker(chunk: Any) -> _Chunk:
     return _encode_chunk(chunk, _worker["fmt"], _worker["recipe"], _worker["encoder"])
 
 
-def _encoded_chunks(src: SourceConfig, recipe: Recipe, encoder: Encoder, tokenizer: Any) -> Any:
-    """Encoded chunks of one source, in file order: the first here (it decides the layout and is
-    checked against the tokenizer), the rest in `data.num_proc` worker processes when asked."""
+def _encoded_chunks(src: SourceConfig, recipe: Recipe, encoder: Encoder) -> Any:
+    """Encoded chunks of one source, in file order: the first here (it decides the layout), the rest in `data.num_proc` worker processes when asked."""
     import multiprocessing
 
     chunks = iter_source(src)
-    first = _encode_chunk(next(chunks), src.format, recipe, encoder)
-    if first.format in CHAT_FORMATS and not tokenizer.chat_template:
-        raise UserError(
-            f"{first.where}: format '{first.format}' needs a chat template, and the tokenizer of "
-            f"{recipe.model.name_or_path} has none; set data.chat_template (e.g. chatml)"
-        )
+    first = _encode_chunk(next(chunks), src.format, recipe, encoder)  # chat rows without a template: data/chat.py
     yield first
     fmt = src.format if src.format in SELECT_FORMATS else first.format  # selections detect per chunk
     procs = recipe.data.num_proc or 1
@@ -177,7 +171,7 @@ def _encoded_chunks(src: SourceConfig, recipe: Recipe, encoder: Encoder, tokeniz
 
 
 def _encode_source(
-    src: SourceConfig, role: str, recipe: Recipe, encoder: Encoder, tokenizer: Any, out_file: Path, progress: bool
+    src: SourceConfig, role: str, recipe: Recipe, encoder: Encoder, out_file: Path, progress: bool
 ) -> SourceReport:
     """Stream one source through render + encode into an Arrow file; return its report."""
     import numpy as np
@@ -188,7 +182,7 @@ def _encode_source(
     lengths: list[Any] = []
     start, writer = time.perf_counter(), None
     try:
-        for done in _encoded_chunks(src, recipe, encoder, tokenizer):
+        for done in _encoded_chunks(src, recipe, encoder):
             if report is None:
                 report = SourceReport(done.where, role, src.format if src.format in SELECT_FORMATS else done.format)
             report.rows += done.rows
@@ -223,6 +217,11 @@ def _encode_source(
     return report
 
 
+def shuffled(recipe: Recipe) -> bool:
+    """trl's `shuffle_dataset` (before packing), which its skipped preparation no longer applies."""
+    return bool(recipe.train.get("shuffle_dataset", False))
+
+
 def weighted_indices(n: int, weight: float, seed: int) -> Any:
     """Mix by weight: 0.5 keeps a random half of a source's n samples, 2.0 repeats them twice, 1.5
     once and a half (an index array, so that no sample is copied before it is written)."""
@@ -238,8 +237,10 @@ def weighted_indices(n: int, weight: float, seed: int) -> Any:
 def build(recipe: Recipe, tokenizer: Any, out: Path, progress: bool = True) -> DataReport:
     """Read, render, encode, mix, split and pack the recipe's data into `out` (a new directory).
 
-    Samples are shuffled with `data.seed` before packing (as trl does), so sources mix within each
-    packing batch and the result does not depend on the number of processes that will read it.
+    Samples keep their order (sources in recipe order, rows in file order) unless `eval_fraction`
+    splits them or `train.shuffle_dataset` asks, as in trl; then they are shuffled with `data.seed`.
+    Either way the result depends only on the data and the seed, never on the number of processes
+    that will read it; the trainer's sampler shuffles the rows it serves.
     """
     import numpy as np
     from datasets import Dataset, concatenate_datasets
@@ -253,7 +254,7 @@ def build(recipe: Recipe, tokenizer: Any, out: Path, progress: bool = True) -> D
     for role, sources in (("train", d.train), ("eval", d.eval)):
         for i, src in enumerate(sources):
             file = out / f"source-{role}-{i}.arrow"
-            report = _encode_source(src, role, recipe, encoder, tokenizer, file, progress)
+            report = _encode_source(src, role, recipe, encoder, file, progress)
             reports.append(report)
             ds = Dataset.from_file(str(file))
             if role == "train":
@@ -275,7 +276,8 @@ def build(recipe: Recipe, tokenizer: Any, out: Path, progress: bool = True) -> D
         )
 
     train_ds, train_idx = join("train")
-    train_idx = train_idx[np.random.default_rng(d.seed).permutation(len(train_idx))]
+    if d.eval_fraction > 0 or shuffled(recipe):
+        train_idx = train_idx[np.random.default_rng(d.seed).permutation(len(train_idx))]
     eval_ds, eval_idx = join("eval") if parts["eval"] else (None, np.zeros(0, dtype=np.int64))
     if d.eval_fraction > 0:
         n_eval = max(1, round(len(train_idx) * d.eval_fraction))
