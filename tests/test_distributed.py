@@ -16,8 +16,9 @@ the first steps) turn those roundings into visible update differences: WEIGHT_AT
 one Adam step at lr 5e-3 (measured <= 1.7e-6 full, <= 1.2e-5 LoRA, 5.1e-5 LoRA under ddp at batch 1 x
 accumulation 2, whose per-process sums split the batch differently). QLoRA: trl keeps the adapter in
 bf16, so one reordered rounding flips a weight by one bf16 step, and ZeRO-3 updates an fp32 copy and
-rounds it: QLoRA agrees to bf16 precision only (BF16_* bounds; measured <= 2e-4 loss, <= 3.7e-3
-weights, one bf16 step at |w| ~ 0.5). LoRA dropout is 0: dropout masks are
+rounds it: QLoRA agrees to bf16 precision only (BF16_* bounds: two bf16 steps of a weight in [1, 2),
+whose step is 2^-7; measured <= 2e-4 loss, <= 1.5e-2 weights, qlora-ddp at batch 1 x accumulation 2,
+where an Adam update of lr 5e-3 is under half a step and rounds either way). LoRA dropout is 0: dropout masks are
 drawn per process and would differ by construction.
 """
 
@@ -36,7 +37,7 @@ from conftest import REPO, run_cli
 from launched import LOSS_ATOL, WEIGHT_ATOL, final_weights, history, launch_args, trained, write_recipe
 
 BF16_LOSS_ATOL = 1e-3
-BF16_WEIGHT_ATOL = 1e-2
+BF16_WEIGHT_ATOL = 2e-2
 EXPECTED_TYPE = {
     "ddp": "MULTI_CPU", "fsdp2": "FSDP", "zero1": "DEEPSPEED", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED",
     "zero3-offload": "DEEPSPEED",
