@@ -12,7 +12,6 @@ document, so it is parsed whole.
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -165,13 +164,3 @@ def read_source(src: SourceConfig) -> Rows:
     """All rows of one source at once: for small inputs (prompt files, `--show`), not for training data."""
     chunks = list(iter_source(src))
     return _merge(chunks, chunks[0].where)
-
-
-def apply_weight(items: list[Any], weight: float, seed: int) -> list[Any]:
-    """Mix by weight: 0.5 keeps a random half of the source, 2.0 repeats it twice, 1.5 once and a half."""
-    rng = random.Random(seed)
-    whole, frac = int(weight), weight - int(weight)
-    out = items * whole
-    if frac > 0:
-        out += rng.sample(items, round(frac * len(items)))
-    return out
