@@ -163,14 +163,18 @@ def _not_writable_errno(e: OSError) -> int | None:
     return code if code in NOT_WRITABLE else None
 
 
-def _unwritable(root: Path, code: int) -> UserError:
+def _user_error_if_unwritable(e: OSError, root: Path) -> Exception:
+    """The one-line error for a cache directory that cannot take the entry; any other OSError as is."""
+    code = _not_writable_errno(e)
+    if code is None:
+        return e
     return UserError(
         f"{root}: cannot write the data cache ({os.strerror(code)}); set data.cache_dir or ${CACHE_ENV} to a "
         "writable directory with free space, or run `sftdist prepare` where it is writable"
     )
 
 
-def _build(recipe: Recipe, entry: Path, inputs: dict[str, Any], build: Callable[[Path], None]) -> None:
+def _build(entry: Path, inputs: dict[str, Any], build: Callable[[Path], None]) -> None:
     """Build into a hidden sibling directory and rename it into place; remove it on any failure."""
     tmp = entry.with_name(f".{entry.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     for stale in entry.parent.glob(f".{entry.name}.tmp-*"):  # left by a killed build (we hold the lock)
@@ -184,10 +188,7 @@ def _build(recipe: Recipe, entry: Path, inputs: dict[str, Any], build: Callable[
         os.rename(tmp, entry)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        code = _not_writable_errno(e)
-        if code is not None:
-            raise _unwritable(entry.parent, code) from None
-        raise
+        raise _user_error_if_unwritable(e, entry.parent) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -211,18 +212,14 @@ def ensure_entry(
         root.mkdir(parents=True, exist_ok=True)
         lock = open(root / f"{fp}.lock", "a")
     except OSError as e:
-        code = _not_writable_errno(e)
-        if code is None:
-            raise
-        raise _unwritable(root, code) from None
+        raise _user_error_if_unwritable(e, root) from None
     with lock:
         fcntl.lockf(lock, fcntl.LOCK_EX)  # released when the process ends, however it ends
         if not force and verify(entry):
             return Entry(entry, "hit")  # another node built it while we waited for the lock
-        if entry.exists():
-            if not force:
-                click.echo(f"warning: data cache entry {entry} is incomplete or corrupt; rebuilding it", err=True)
-        _build(recipe, entry, inputs, build)
+        if entry.exists() and not force:
+            click.echo(f"warning: data cache entry {entry} is incomplete or corrupt; rebuilding it", err=True)
+        _build(entry, inputs, build)
     return Entry(entry, "built")
 
 

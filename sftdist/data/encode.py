@@ -59,12 +59,14 @@ class Encoder:
             raise UserError("the tokenizer has no EOS token; a model trained without one never learns to stop")
         self.bos_prefix = _bos_prefix(tokenizer)
 
+    def _with_bos(self, ids: list[int]) -> list[int]:
+        if self.bos_prefix and ids[:1] == self.bos_prefix:
+            return ids  # the text already starts with BOS: never two
+        return self.bos_prefix + ids
+
     def prompt_ids(self, prompt: str) -> list[int]:
         """Ids of an instruction prompt, exactly as they start a training sample (for generation)."""
-        ids = self.tok(prompt, add_special_tokens=False)["input_ids"]
-        if self.bos_prefix and ids[:1] == self.bos_prefix:
-            return ids  # the prompt text already starts with BOS: never two
-        return self.bos_prefix + ids
+        return self._with_bos(self._batch([prompt])[0])
 
     def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
         """Ids of a conversation followed by the assistant generation prompt (for generation)."""
@@ -75,15 +77,20 @@ class Encoder:
         return encode_chat(self.tok, ex, self.stop_ids, where)
 
     def encode_one(self, ex: Example, where: str) -> tuple[list[int], list[int]]:
+        head = self._batch([ex.text or ex.prompt])[0] if ex.kind != "chat" else []
+        tail = self._batch([ex.completion])[0] if ex.kind == "instruction" else []
+        return self._encode(ex, where, head, tail)
+
+    def _encode(self, ex: Example, where: str, head: list[int], tail: list[int]) -> tuple[list[int], list[int]]:
+        """One sample from its tokenized text (or prompt) and completion; chat rows render here."""
         if ex.kind == "chat":
             ids, mask = self._chat(ex, where)
         elif ex.kind == "text":
-            ids = self.prompt_ids(ex.text) + [self.eos]
+            ids = self._with_bos(head) + [self.eos]
             mask = [1] * len(ids)
         else:
-            p = self.prompt_ids(ex.prompt)
-            c = self.tok(ex.completion, add_special_tokens=False)["input_ids"] + [self.eos]
-            ids, mask = p + c, [0] * len(p) + [1] * len(c)
+            head, tail = self._with_bos(head), tail + [self.eos]
+            ids, mask = head + tail, [0] * len(head) + [1] * len(tail)
         if self.loss_on == "all":
             mask = [1] * len(ids)
         return ids, mask
@@ -106,18 +113,7 @@ class Encoder:
         tails = dict(zip(tails_at, self._batch([examples[i].completion for i in tails_at])))
         out = Encoded()
         for i, ex in enumerate(examples):
-            if ex.kind == "chat":
-                ids, mask = self.encode_one(ex, f"{where} {labels[i]}")
-            else:
-                head = head_of[i] if self.bos_prefix and head_of[i][:1] == self.bos_prefix else self.bos_prefix + head_of[i]
-                if ex.kind == "text":
-                    ids = head + [self.eos]
-                    mask = [1] * len(ids)
-                else:
-                    tail = tails[i] + [self.eos]
-                    ids, mask = head + tail, [0] * len(head) + [1] * len(tail)
-                if self.loss_on == "all":
-                    mask = [1] * len(ids)
+            ids, mask = self._encode(ex, f"{where} {labels[i]}", head_of.get(i, []), tails.get(i, []))
             if len(ids) > self.max_length:
                 if not self.truncate:
                     out.too_long += 1

@@ -143,30 +143,37 @@ def _encode_chunk(chunk: Any, fmt: str, recipe: Recipe, encoder: Encoder) -> _Ch
     return _Chunk(chunk.where, rendered.format, len(chunk.rows), dropped, table, loss, lengths)
 
 
-_worker: dict[str, Any] = {}  # set in each worker process by fork (see _chunks_in_workers)
+_worker: dict[str, Any] = {}  # inherited by each worker process through fork (see _encoded_chunks)
 
 
 def _encode_in_worker(chunk: Any) -> _Chunk:
     return _encode_chunk(chunk, _worker["fmt"], _worker["recipe"], _worker["encoder"])
 
 
+def source_format(src: SourceConfig, detected: str) -> str:
+    """A source's format: its selection (dpo_chosen, kto_good: these detect the layout per chunk),
+    else the layout its first chunk detected."""
+    return src.format if src.format in SELECT_FORMATS else detected
+
+
 def _encoded_chunks(src: SourceConfig, recipe: Recipe, encoder: Encoder) -> Any:
-    """Encoded chunks of one source, in file order: the first here (it decides the layout), the rest in `data.num_proc` worker processes when asked."""
+    """Encoded chunks of one source, in file order: the first here (it decides the layout), the rest
+    in `data.num_proc` worker processes when asked."""
     import multiprocessing
 
     chunks = iter_source(src)
     first = _encode_chunk(next(chunks), src.format, recipe, encoder)  # chat rows without a template: data/chat.py
     yield first
-    fmt = src.format if src.format in SELECT_FORMATS else first.format  # selections detect per chunk
+    fmt = source_format(src, first.format)
     procs = recipe.data.num_proc or 1
     if procs == 1:
         yield from (_encode_chunk(c, fmt, recipe, encoder) for c in chunks)
         return
     # fork: the workers inherit the encoder (and its tokenizer) instead of unpickling one each;
-    # the fast tokenizer's own threads are off in them, one process per core does that work.
+    # the fast tokenizer's own threads are off in them (not in this process), one process per core.
     _worker.update(fmt=fmt, recipe=recipe, encoder=encoder)
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    with multiprocessing.get_context("fork").Pool(procs) as pool:
+    no_threads = ("TOKENIZERS_PARALLELISM", "false")
+    with multiprocessing.get_context("fork").Pool(procs, os.environ.__setitem__, no_threads) as pool:
         yield from pool.imap(_encode_in_worker, chunks)
 
 
@@ -184,7 +191,7 @@ def _encode_source(
     try:
         for done in _encoded_chunks(src, recipe, encoder):
             if report is None:
-                report = SourceReport(done.where, role, src.format if src.format in SELECT_FORMATS else done.format)
+                report = SourceReport(done.where, role, source_format(src, done.format))
             report.rows += done.rows
             dropped.update(done.dropped)
             if done.table is not None:
