@@ -249,3 +249,14 @@ def test_other_local_ranks_wait_for_the_files_then_read_the_entry(tmp_path, tiny
     assert waiter.returncode == 0
     (entry,) = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
     assert f"rank 1 data cache waited: {entry}" in out and "building" not in out
+
+
+def test_train_shuffle_dataset_shuffles_the_same_samples_with_the_seed(tmp_path, tiny_model, demo_rows):
+    """trl's `shuffle_dataset` is no longer applied by trl (its preparation is skipped): the build applies it."""
+    def rows(**train) -> list:
+        raw = {**_recipe(tiny_model, demo_rows, tmp_path / "cache", packing=False), "train": train}
+        return _prepare(raw).train.to_dict()["input_ids"]
+
+    in_order, shuffled = rows(), rows(shuffle_dataset=True)
+    assert shuffled != in_order and sorted(shuffled) == sorted(in_order)
+    assert rows(shuffle_dataset=True) == shuffled  # from data.seed: the same order every time
