@@ -3,7 +3,7 @@
 Gaps filled: transformers writes `checkpoint-N` in place and rotates old ones before the new one
 is known to be whole, so a kill mid-write leaves a directory that `resume_from_checkpoint=True`
 picks up. Here a checkpoint counts only once every rank has finished it and rank 0 has written a
-`MANIFEST` of its files and sizes, then `COMPLETE_MARKER`, into it; rotation runs after that.
+manifest of its files and sizes, then `COMPLETE_MARKER`, into it (rundir.py); rotation runs after that.
 Resume checks the manifest, so a file lost or cut short since is a fallback to the previous
 checkpoint, not a silently inexact resume. SIGTERM/SIGUSR1/SIGINT (slurm preemption, Ctrl-C) make
 the run save at the next step boundary and exit with `EXIT_PREEMPTED`; `sftdist train` installs
@@ -18,9 +18,7 @@ import atexit
 import contextlib
 import errno
 import functools
-import json
 import os
-import re
 import shutil
 import signal
 from collections.abc import Iterator
@@ -30,29 +28,21 @@ from typing import Any
 import click
 import yaml
 
-from sftdist import lock
-from sftdist.errors import UserError
-from sftdist.recipe import RECIPE_FILE, Recipe
+from sftdist import lock, rundir
+from sftdist.errors import EXIT_PREEMPTED, UserError
+from sftdist.recipe import Recipe
+from sftdist.rundir import (
+    CHECKPOINT_RE,
+    COMPLETE_MARKER,
+    FINAL_DIR,
+    FSDP_SHARDS,
+    RECIPE_FILE,
+    RUN_INFO,
+    write_json_atomic,
+    write_text_atomic,
+)
 
-COMPLETE_MARKER = "sftdist_complete"
-MANIFEST = "sftdist_manifest.json"  # {relative path: size in bytes} of every file of a checkpoint
-FINAL_DIR = "final"
-RUN_INFO = "sftdist_run.json"  # written last, once final/ is in place: the run is finished
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on a signal after saving; run again to resume
-FSDP_SHARDS = "pytorch_model_fsdp_0"  # accelerate's folder of FSDP SHARDED_STATE_DICT model shards
 WEIGHT_PATTERNS = ("model*.safetensors", "adapter_model.safetensors", FSDP_SHARDS, "*.distcp")
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, default=str))
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
 
 def complete_checkpoints(output_dir: Path) -> list[Path]:
     """Checkpoints that resume may use, oldest first (incomplete ones are invisible)."""
@@ -97,31 +87,11 @@ def _refuse_deleting_inputs(recipe: Recipe, doomed: list[Path], why: str) -> Non
                 )
 
 
-def verify_checkpoint(ckpt: Path) -> str | None:
-    """Why a complete checkpoint cannot be resumed from, or None. Its manifest must match the files.
-
-    Checkpoints written before manifests existed are vouched for by their marker alone."""
-    manifest = ckpt / MANIFEST
-    if not manifest.is_file():
-        return None
-    try:
-        files = json.loads(manifest.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        return f"{MANIFEST} is unreadable"
-    for name, size in files.items():
-        path = ckpt / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != size:
-            return f"{name} has {path.stat().st_size} bytes, {size} were written"
-    return None
-
-
 def _resumable(out: Path) -> tuple[Path | None, list[str]]:
     """The newest complete checkpoint that verifies, and a warning for each newer one that does not."""
     ckpts, skipped = complete_checkpoints(out), []
     for ckpt in reversed(ckpts):
-        problem = verify_checkpoint(ckpt)
+        problem = rundir.check_manifest(ckpt)
         if problem is None:
             return ckpt, [f"warning: {c}; falling back to {ckpt.name}" for c in skipped]
         skipped.append(f"{ckpt}: {problem}")
@@ -274,15 +244,6 @@ def _disk_full(exc: BaseException | None, path: Path) -> bool:
     return st.f_bavail * st.f_frsize < (1 << 20)  # under 1 MiB left: the write ran out of space
 
 
-def _write_manifest(ckpt: Path) -> None:
-    files = {
-        str(p.relative_to(ckpt)): p.stat().st_size
-        for p in sorted(ckpt.rglob("*"))
-        if p.is_file() and p.name not in (MANIFEST, COMPLETE_MARKER)
-    }
-    write_json_atomic(ckpt / MANIFEST, files)
-
-
 def make_trainer_class(base: type, max_shard_size: str) -> type:
     """SFTTrainer with atomic, verified, sharded checkpoints and signal-triggered saves."""
     from transformers import PreTrainedModel, TrainerCallback
@@ -303,6 +264,8 @@ def make_trainer_class(base: type, max_shard_size: str) -> type:
         def __init__(self, *a: Any, **kw: Any) -> None:
             super().__init__(*a, callbacks=[SignalCallback()], **kw)
 
+        # The three overrides below are Trainer internals (no public hook exists for them): the epoch loop,
+        # the model save inside a checkpoint, and the checkpoint save itself.
         def _run_epoch(self, *a: Any, **kw: Any) -> None:
             # Resumed from a checkpoint at the last step, the Trainer would train one step more.
             if self.state.global_step >= self.state.max_steps:
@@ -341,7 +304,7 @@ def make_trainer_class(base: type, max_shard_size: str) -> type:
             self.accelerator.wait_for_everyone()
             if self.args.should_save:
                 with _disk_full_is_user_error(ckpt):
-                    _write_manifest(ckpt)
+                    rundir.write_manifest(ckpt)
                     write_json_atomic(ckpt / COMPLETE_MARKER, {"global_step": self.state.global_step})
                 _rotate(run_dir, limit)
             self.accelerator.wait_for_everyone()
@@ -411,21 +374,18 @@ def save_final(trainer: Any, recipe: Recipe, final: Path) -> None:
     """Save the final model whole (every rank takes part), then make it visible in one rename."""
     from sftdist import distributed
 
-    tmp = final.with_name(final.name + ".partial")
     main = trainer.is_world_process_zero()
-    if main and tmp.exists():
-        shutil.rmtree(tmp)
-    trainer.accelerator.wait_for_everyone()
-    distributed.prepare_final_save(trainer)
-    with _disk_full_is_user_error(tmp):
-        trainer.save_model(str(tmp))
-    trainer.accelerator.wait_for_everyone()
-    if main:
-        if not has_weights(tmp):
-            raise RuntimeError(f"saving the final model wrote no weights into {tmp}; refusing an empty model")
+    building = rundir.build_beside(final, replace=True, shared_by="ranks") if main else contextlib.nullcontext(
+        rundir.partial_path(final, shared_by="ranks"))
+    with building as tmp:
+        trainer.accelerator.wait_for_everyone()
+        distributed.prepare_final_save(trainer)
         with _disk_full_is_user_error(tmp):
-            write_text_atomic(tmp / RECIPE_FILE, recipe_yaml(recipe))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+            trainer.save_model(str(tmp))
+        trainer.accelerator.wait_for_everyone()
+        if main:
+            if not has_weights(tmp):
+                raise RuntimeError(f"saving the final model wrote no weights into {tmp}; refusing an empty model")
+            with _disk_full_is_user_error(tmp):
+                write_text_atomic(tmp / RECIPE_FILE, recipe_yaml(recipe))
     trainer.accelerator.wait_for_everyone()

@@ -91,16 +91,15 @@ def launch(
     accelerate_args: tuple[str, ...],
 ) -> None:
     """Train RECIPE on one or more processes/machines with a strategy; args after `--` go to `accelerate launch`."""
-    from sftdist.launcher import plan_launch, run_launch
+    from sftdist.launcher import build_launch, run_launch
+    from sftdist.units import parse_size
 
     gpu_bytes = None
     if gpu_memory is not None:
         if strategy != "auto":
             raise UserError(f"--gpu-memory is only used with --strategy auto, not --strategy {strategy}")
-        from sftdist.plan import parse_size
-
         gpu_bytes = parse_size(gpu_memory, "--gpu-memory")
-    plan = plan_launch(
+    launch = build_launch(
         recipe,
         strategy,
         num_processes=num_processes,
@@ -113,12 +112,12 @@ def launch(
         accelerate_args=accelerate_args,
         gpu_memory=gpu_bytes,
     )
-    if plan.note:
-        click.echo(f"sftdist launch: {plan.note}", err=True)
+    if launch.note:
+        click.echo(f"sftdist launch: {launch.note}", err=True)
     if dry_run:
-        click.echo(plan.render())
+        click.echo(launch.render())
         return
-    code = run_launch(plan)
+    code = run_launch(launch)
     if code:
         raise SystemExit(code)
 
@@ -130,7 +129,7 @@ def launch(
 @click.option("--show", type=click.IntRange(min=1), metavar="N", help="Print N rendered samples per source, loss tokens marked.")
 def data(recipe: str, overrides: tuple[str, ...], check: bool, show: int | None) -> None:
     """Report formats, kept/dropped rows, token lengths and packing efficiency for RECIPE's data."""
-    from sftdist.data.inspect import check_data, report_data
+    from sftdist.data.report import check_data, report_data
     from sftdist.recipe import load_recipe
 
     r = load_recipe(recipe, overrides)
@@ -139,6 +138,9 @@ def data(recipe: str, overrides: tuple[str, ...], check: bool, show: int | None)
 
         show_data(r, show)
     elif check:
+        from sftdist.preflight import check_recipe
+
+        check_recipe(r)  # the settings `train` checks before writing (config.json only, no weights)
         check_data(r)
     else:
         report_data(r)
@@ -150,7 +152,7 @@ def data(recipe: str, overrides: tuple[str, ...], check: bool, show: int | None)
 @click.option("--force", is_flag=True, help="Rebuild the cache entry even if a complete one exists.")
 def prepare(recipe: str, overrides: tuple[str, ...], force: bool) -> None:
     """Tokenize and pack RECIPE's data once into the cache that `train` (every rank) memory-maps."""
-    from sftdist.data.inspect import report_data
+    from sftdist.data.report import report_data
     from sftdist.recipe import load_recipe
 
     report_data(load_recipe(recipe, overrides), force=force)
@@ -266,8 +268,9 @@ def plan(
     recipe: str, gpus: int, gpu_memory: str, nodes: int, cpu_memory: str | None, overrides: tuple[str, ...]
 ) -> None:
     """Estimate memory per GPU for every strategy and recommend the fastest that fits (reads config.json only)."""
-    from sftdist.plan import format_plan, make_plan, no_fit_error, parse_size
+    from sftdist.plan import format_plan, make_plan, no_fit_error
     from sftdist.recipe import load_recipe
+    from sftdist.units import parse_size
 
     gpu_bytes = parse_size(gpu_memory, "--gpu-memory")
     cpu_bytes = parse_size(cpu_memory, "--cpu-memory") if cpu_memory else None

@@ -3,24 +3,26 @@
 Gap filled: accelerate and trl assume CUDA. On a CPU machine, `MULTI_CPU` configs start one process,
 `MULTI_GPU` configs start N independent runs, DeepSpeed disagrees with accelerate on the world size
 unless the backend is gloo, `use_cpu` silently turns a DeepSpeed run into plain DDP, and accelerate
-never enables FSDP on a CPU state (see ../shared/notes/platform.md). These functions are called by
-train.py in every rank: before the SFTConfig is built, and once the trainer exists.
+never enables FSDP on a CPU state (each measured on a 2-process CPU machine). These functions are
+called by train.py in every rank: before the SFTConfig is built, and once the trainer exists.
 """
 
 from __future__ import annotations
 
 import atexit
-import json
 import os
 from pathlib import Path
 from typing import Any
+
+from sftdist.errors import UserError
+from sftdist.strategies import deepspeed_stage
 
 
 def _env_flag(name: str) -> bool:
     return os.environ.get(name, "false").lower() == "true"
 
 
-def _launched_type() -> str | None:
+def launched_type() -> str | None:
     """The distributed type `accelerate launch` asked for (via its environment), if it asked for one."""
     if _env_flag("ACCELERATE_USE_DEEPSPEED"):
         return "DEEPSPEED"
@@ -31,12 +33,12 @@ def _launched_type() -> str | None:
 
 def shards_parameters() -> bool:
     """True under FSDP or ZeRO-3 (as `accelerate launch` asked), which flatten and shard parameters."""
-    if _launched_type() == "FSDP":
+    if launched_type() == "FSDP":
         return True
     stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
     ds_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
     if stage is None and ds_file and Path(ds_file).is_file():  # accelerate does not export a JSON's stage
-        stage = str(json.loads(Path(ds_file).read_text(encoding="utf-8")).get("zero_optimization", {}).get("stage"))
+        stage = str(deepspeed_stage(Path(ds_file)))
     return stage == "3"
 
 
@@ -52,7 +54,7 @@ def training_overrides() -> dict[str, Any]:
     if world_size > 1:
         # Without gloo, DeepSpeed counts one process while accelerate counts WORLD_SIZE.
         overrides["ddp_backend"] = "gloo"
-    kind = _launched_type()
+    kind = launched_type()
     if kind == "DEEPSPEED":
         return overrides  # use_cpu would make accelerate drop DeepSpeed and run plain DDP
     overrides["use_cpu"] = True
@@ -72,13 +74,9 @@ def _configure_fsdp_on_cpu() -> None:
     state.distributed_type = DistributedType.MULTI_GPU
 
 
-def check_state(trainer: Any) -> dict[str, Any]:
-    """Fail if the processes did not join one group of the launched kind; return what we got.
-
-    Rank 0 prints it (train.py) so every run's log says what it really was.
-    """
-    from sftdist.errors import UserError
-
+def verified_state(trainer: Any) -> dict[str, Any]:
+    """What the run really is (distributed type, processes, batch sizes); a UserError if the processes
+    did not join one group of the launched kind. Rank 0 prints it (train.py), so every run's log says it."""
     acc = trainer.accelerator
     args = trainer.args
     expected = int(os.environ.get("WORLD_SIZE", "1"))
@@ -108,18 +106,20 @@ def check_state(trainer: Any) -> dict[str, Any]:
             f"(distributed_type={state['distributed_type']}, num_processes={acc.num_processes}); "
             "refusing a silent duplicate run"
         )
-    kind = _launched_type()
+    kind = launched_type()
     if kind is not None and state["distributed_type"] != kind:
         raise UserError(
             f"accelerate launch asked for {kind} but the trainer runs {state['distributed_type']}; "
             "refusing a run that would not shard as configured"
         )
-    if expected > 1:
-        atexit.register(_release_process_groups)
-    if sequence_parallel > 1:
-        trainer.add_callback(_sequence_parallel_check(sequence_parallel))
-    trainer.add_callback(_tokens_per_step_logger())
     return state
+
+
+def install_callbacks(trainer: Any) -> None:
+    """The tokens-per-step report, and the clean release of the process groups at exit."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        atexit.register(_release_process_groups)
+    trainer.add_callback(_tokens_per_step_logger())
 
 
 def _release_process_groups() -> None:
@@ -134,28 +134,6 @@ def _release_process_groups() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     time.sleep(0.5)
-
-
-def _sequence_parallel_check(size: int) -> Any:
-    """A callback that stops the run at its start unless DeepSpeed really formed sequence-parallel groups of
-    `size` (the groups exist only once the trainer has prepared the model); otherwise every process would train
-    on its own samples, a data-parallel run labelled sequence-parallel."""
-    from transformers import TrainerCallback
-
-    from sftdist.errors import UserError
-
-    class SequenceParallelCheck(TrainerCallback):
-        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            from deepspeed.utils import groups
-
-            got = groups._get_sequence_parallel_world_size()
-            if got != size:
-                raise UserError(
-                    f"sequence_parallel: {size} was asked for but DeepSpeed formed groups of {got}; refusing a run "
-                    "that would not share samples as configured"
-                )
-
-    return SequenceParallelCheck()
 
 
 def _tokens_per_step_logger() -> Any:

@@ -8,6 +8,7 @@ traceback and exits with code 2; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 EXIT_USER_ERROR = 2
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on a signal after saving a checkpoint; run again to resume
 
 
 class UserError(Exception):

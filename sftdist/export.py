@@ -12,19 +12,17 @@ It is built beside `--out` and renamed at the end.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from sftdist.checkpoint import CHECKPOINT_RE, COMPLETE_MARKER, FSDP_SHARDS
+from sftdist import rundir
 from sftdist.errors import UserError
-from sftdist.merge import ADAPTER_CONFIG, copy_tokenizer, merge_adapter, run_file
-from sftdist.recipe import RECIPE_FILE
+from sftdist.rundir import ADAPTER_CONFIG, CHECKPOINT_RE, COMPLETE_MARKER, FSDP_SHARDS, RECIPE_FILE, TRAINER_STATE
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_RUN_FILES = (RECIPE_FILE, "trainer_state.json")  # what merge-adapter's model card and QLoRA merge read
+ADAPTER_RUN_FILES = (RECIPE_FILE, TRAINER_STATE)  # what merge-adapter's model card and QLoRA merge read
 
 
 def checkpoint_kind(ckpt: Path) -> str:
@@ -68,6 +66,9 @@ def consolidated_state_dict(ckpt: Path, kind: str) -> dict[str, Any]:
         return get_fp32_state_dict_from_zero_checkpoint(str(ckpt))
     if kind in ("fsdp", "fsdp-adapter"):
         import torch.distributed.checkpoint as dcp
+
+        # torch's own DCP -> torch.save converter (`dcp_to_torch_save`) is built on these two; it writes a
+        # pickle file, where we want the state dict in memory, so its parts are called directly.
         from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner, _load_state_dict
 
         state: dict[str, Any] = {}
@@ -99,10 +100,10 @@ def _write_adapter(ckpt: Path, kind: str, dst: Path) -> None:
         save_file({k: v.contiguous() for k, v in state.items()}, str(dst / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     shutil.copy2(ckpt / ADAPTER_CONFIG, dst / ADAPTER_CONFIG)
     for name in ADAPTER_RUN_FILES:
-        src = run_file(ckpt, name)
+        src = rundir.run_file(ckpt, name)
         if src is not None:
             shutil.copy2(src, dst / name)
-    copy_tokenizer(ckpt, dst)
+    rundir.copy_tokenizer(ckpt, dst)
 
 
 def _write_full_model(ckpt: Path, kind: str, tmp: Path, max_shard_size: str) -> None:
@@ -138,22 +139,17 @@ def export_checkpoint(checkpoint: str, out: str, merge: bool, max_shard_size: st
     if merge and kind not in ("adapter", "fsdp-adapter"):
         raise UserError(f"{ckpt}: --merge needs a LoRA/QLoRA checkpoint, but this one holds a full model")
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
-    try:
+    if merge:  # the adapter in a scratch directory, then merge-adapter builds --out (beside it, verified)
+        from sftdist.merge import merge_adapter
+
+        with tempfile.TemporaryDirectory(prefix=f".{out_path.name}.adapter-", dir=out_path.parent) as scratch:
+            _write_adapter(ckpt, kind, Path(scratch))
+            base = json.loads((Path(scratch) / ADAPTER_CONFIG).read_text(encoding="utf-8"))["base_model_name_or_path"]
+            merge_adapter(base, scratch, str(out_path), max_shard_size=max_shard_size)
+        return out_path
+    with rundir.build_beside(out_path) as tmp:
         if kind in ("adapter", "fsdp-adapter"):
-            result = adapter = tmp / "adapter"
-            _write_adapter(ckpt, kind, adapter)
-            if merge:
-                base = json.loads((adapter / ADAPTER_CONFIG).read_text(encoding="utf-8"))["base_model_name_or_path"]
-                result = tmp / "merged"
-                merge_adapter(base, str(adapter), str(result), max_shard_size=max_shard_size)
+            _write_adapter(ckpt, kind, tmp)
         else:
-            result = tmp / "model"
-            result.mkdir()
-            _write_full_model(ckpt, kind, result, max_shard_size)
-        if out_path.exists():
-            out_path.rmdir()
-        os.replace(result, out_path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            _write_full_model(ckpt, kind, tmp, max_shard_size)
     return out_path

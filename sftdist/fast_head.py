@@ -96,7 +96,7 @@ def backbone(model: Any, row_length: int, **kwargs: Any) -> Any:
     ids, pos = kwargs.get("input_ids"), kwargs.get("position_ids")
     flat = (
         ids is not None and pos is not None and ids.shape[0] == 1 and kwargs.get("attention_mask") is None
-        and model.config._attn_implementation in _MASKED_ATTENTION
+        and model.config._attn_implementation in _MASKED_ATTENTION  # transformers' own record of the implementation
     )
     spans = row_spans(pos, row_length) if flat else []
     if len(spans) < 2:

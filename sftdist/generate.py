@@ -19,7 +19,8 @@ import click
 import yaml
 
 from sftdist.errors import UserError
-from sftdist.recipe import RECIPE_FILE, Recipe, recipe_from_dict
+from sftdist.recipe import Recipe, recipe_from_dict
+from sftdist.rundir import RECIPE_FILE
 
 
 @dataclass

@@ -10,7 +10,7 @@ a list (printed exactly by --dry-run), and the workers' own exit code becomes th
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import shlex
 import signal
@@ -19,19 +19,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sftdist.errors import UserError
+from sftdist.errors import EXIT_PREEMPTED, UserError
+from sftdist.recipe import Recipe
+from sftdist.strategies import config_paths, deepspeed_stage
+from sftdist.units import gib
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-# strategy -> (accelerate config, DeepSpeed config or None)
-STRATEGIES: dict[str, tuple[str, str | None]] = {
-    "single": ("single.yaml", None),
-    "ddp": ("ddp.yaml", None),
-    "fsdp2": ("fsdp2.yaml", None),
-    "zero1": ("zero1.yaml", "zero1.json"),
-    "zero2": ("zero2.yaml", "zero2.json"),
-    "zero3": ("zero3.yaml", "zero3.json"),
-    "zero3-offload": ("zero3_offload.yaml", "zero3_offload.json"),
-}
 # Signals a torchrun agent forwards to its workers instead of killing them; SIGUSR1 is what the
 # slurm script asks for before the time limit, and workers answer it by checkpointing and exiting.
 FORWARDED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
@@ -56,22 +48,6 @@ class Launch:
     def render(self) -> str:
         """The command as one copy-pasteable shell line, environment first."""
         return shlex.join(["env", *(f"{k}={v}" for k, v in sorted(self.env.items())), *self.command])
-
-
-def config_paths(strategy: str) -> tuple[Path, Path | None]:
-    """The accelerate config (and DeepSpeed JSON) of a shipped strategy or a user's config path."""
-    if strategy in STRATEGIES:
-        acc, ds = STRATEGIES[strategy]
-        return (CONFIG_DIR / "accelerate" / acc).resolve(), (CONFIG_DIR / "deepspeed" / ds).resolve() if ds else None
-    path = Path(strategy)
-    if path.suffix in (".yaml", ".yml", ".json"):
-        if not path.is_file():
-            raise UserError(f"--strategy {strategy}: accelerate config file not found")
-        return path.resolve(), None
-    raise UserError(
-        f"--strategy {strategy}: unknown strategy; expected one of {', '.join(STRATEGIES)} "
-        "or the path of an accelerate config (.yaml)"
-    )
 
 
 def config_kind(path: Path, on_cpu: bool, ds_file: Path | None = None) -> tuple[str, int | None]:
@@ -106,13 +82,46 @@ def config_kind(path: Path, on_cpu: bool, ds_file: Path | None = None) -> tuple[
         if "zero_stage" in ds:
             return "deepspeed", int(ds["zero_stage"])
         file = ds_file or (Path(ds["deepspeed_config_file"]) if ds.get("deepspeed_config_file") else None)
-        if file is None:
-            return "deepspeed", None
-        try:
-            return "deepspeed", int(json.loads(file.read_text(encoding="utf-8"))["zero_optimization"]["stage"])
-        except (OSError, ValueError, KeyError, TypeError):
-            raise UserError(f"{path}: deepspeed_config_file {file} is not a readable DeepSpeed JSON") from None
+        return "deepspeed", deepspeed_stage(file) if file is not None else None
     raise UserError(f"{path}: distributed_type {dt} is not supported by sftdist; use NO, MULTI_GPU, FSDP or DEEPSPEED")
+
+
+def auto_strategy(
+    recipe: Recipe, gpus: int, num_processes: int | None, num_machines: int, gpu_memory_bytes: int | None
+) -> tuple[str, int, str]:
+    """(strategy, processes per machine, why) for `sftdist launch --strategy auto`: the planner's pick
+    for this machine (the only place sftdist probes the machine's memory).
+
+    On GPUs: every visible GPU (or --num-processes of them), each with the smallest visible GPU's
+    memory unless --gpu-memory says otherwise, and this machine's RAM for zero3-offload. Without a
+    GPU: --num-processes is required, each process is planned as a device holding an equal share of
+    this machine's RAM (or --gpu-memory), in fp32 as sftdist trains on CPU, and offload is never chosen
+    (there is no device memory to relieve).
+    """
+    import psutil
+
+    from sftdist.plan import choose_strategy
+
+    ram = psutil.virtual_memory().total
+    if gpus:
+        import torch
+
+        processes = num_processes or gpus
+        memory = gpu_memory_bytes or min(torch.cuda.get_device_properties(i).total_memory for i in range(gpus))
+        cpu_memory: int | None = ram
+        where = f"{processes} GPU(s) per machine"
+    else:
+        if num_processes is None:
+            raise UserError("--strategy auto: no GPU is visible; pass --num-processes N (processes per machine)")
+        processes = num_processes
+        memory = gpu_memory_bytes or ram // processes
+        cpu_memory = None
+        where = f"{processes} CPU process(es) per machine, each planned with {gib(memory)} GiB of this machine's RAM"
+        train = {k: v for k, v in recipe.train.items() if k not in ("bf16", "fp16")}
+        model = recipe.model if recipe.model.dtype != "auto" else dataclasses.replace(recipe.model, dtype="float32")
+        recipe = dataclasses.replace(recipe, model=model, train={**train, "bf16": False})
+    strategy, why = choose_strategy(recipe, processes, memory, num_machines, cpu_memory)
+    return strategy, processes, f"{where}: {why}"
 
 
 def cpu_cores() -> int:
@@ -125,7 +134,7 @@ def visible_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def plan_launch(
+def build_launch(
     recipe: str,
     strategy: str,
     num_processes: int | None = None,
@@ -143,8 +152,8 @@ def plan_launch(
 
     `overrides` are `sftdist train --set` values, `train_flags` its other flags, `accelerate_args`
     extra `accelerate launch` arguments; `gpus` is the number of visible GPUs (detected if None).
-    `strategy` "auto" asks the planner (`sftdist.plan.auto_strategy`); `gpu_memory` overrides the
-    memory per device it plans with.
+    `strategy` "auto" asks the planner (`auto_strategy`); `gpu_memory` overrides the memory per device
+    it plans with.
     """
     from sftdist import seqpar
     from sftdist.recipe import load_recipe
@@ -154,8 +163,6 @@ def plan_launch(
     on_cpu = gpus == 0
     note = ""
     if strategy == "auto":
-        from sftdist.plan import auto_strategy
-
         strategy, num_processes, why = auto_strategy(loaded, gpus, num_processes, num_machines, gpu_memory)
         note = f"--strategy auto chose {strategy}: {why}"
     acc_cfg, ds_cfg = config_paths(strategy)
@@ -240,8 +247,6 @@ def run_launch(launch: Launch) -> int:
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-
-    from sftdist.checkpoint import EXIT_PREEMPTED
 
     os.environ.update(launch.env)
     # Until torchrun installs its own handlers (multi-process), and for the single-process launcher:

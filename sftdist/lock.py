@@ -1,4 +1,5 @@
-"""One run at a time per output_dir: an exclusive lock that rank 0 holds for the whole run.
+"""Exclusive locks: one run at a time per output_dir (rank 0 holds it for the whole run), and one
+builder at a time per data cache entry (`exclusive`).
 
 Gap filled: nothing stopped two `sftdist train` on one output_dir; the second resumed from a
 checkpoint that the first one's rotation then deleted, and both wrote `final/`.
@@ -14,11 +15,13 @@ with `-o flock`).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -56,6 +59,44 @@ def _holder(fd: int) -> dict:
         return {}
 
 
+class Held(Exception):
+    """The lock is held by another process; `holder` is what it wrote into the lock file."""
+
+    def __init__(self, holder: dict) -> None:
+        super().__init__(holder)
+        self.holder = holder
+
+
+def _lock(path: Path, blocking: bool) -> int:
+    """An fd holding an exclusive flock on `path` (created if absent); `Held` if another process holds it
+    and `blocking` is false."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise Held(holder) from None
+        try:  # the holder may have released (and unlinked) the file between our open and flock
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def exclusive(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `path` for the block, waiting for any other holder (the data cache's
+    builders: one builds, the others then find its entry). The file stays for the next builder."""
+    fd = _lock(path, blocking=True)
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
 def acquire(output_dir: Path) -> RunLock:
     """Lock `output_dir` (created if absent) for this process, or raise a UserError naming the holder."""
     if output_dir.exists() and not output_dir.is_dir():
@@ -64,24 +105,13 @@ def acquire(output_dir: Path) -> RunLock:
     path = output_dir / LOCK_FILE
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = _holder(fd)
-                os.close(fd)
-                raise UserError(
-                    f"{output_dir}: another sftdist run holds this output_dir (pid {holder.get('pid', '?')} on "
-                    f"host {holder.get('host', '?')}, since {holder.get('since', '?')}); wait for it to end, "
-                    "or choose another output_dir"
-                ) from None
-            try:  # the holder may have released (and unlinked) the file between our open and flock
-                if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                    break
-            except FileNotFoundError:
-                pass
-            os.close(fd)
+        fd = _lock(path, blocking=False)
+    except Held as e:
+        raise UserError(
+            f"{output_dir}: another sftdist run holds this output_dir (pid {e.holder.get('pid', '?')} on "
+            f"host {e.holder.get('host', '?')}, since {e.holder.get('since', '?')}); wait for it to end, "
+            "or choose another output_dir"
+        ) from None
     except OSError as e:
         raise UserError(f"{path}: cannot lock the output_dir ({e.strerror})") from None
     stale = _holder(fd)

@@ -13,7 +13,6 @@ checked against base + adapter run through peft, and renamed into place only whe
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -22,14 +21,15 @@ from typing import Any
 
 import yaml
 
+from sftdist import rundir
 from sftdist import safetensors_io as sio
 from sftdist.errors import UserError
-from sftdist.recipe import RECIPE_FILE, QuantizationConfig
+from sftdist.recipe import QuantizationConfig
+from sftdist.rundir import ADAPTER_CONFIG, RECIPE_FILE, TRAINER_STATE
+from sftdist.units import parse_size
 
 ADAPTER_PREFIX = "base_model.model."
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
-ADAPTER_CONFIG = "adapter_config.json"
-TRAINER_STATE = "trainer_state.json"
 _LORA_KEY = re.compile(
     r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|lora_embedding_B"
     r"|lora_magnitude_vector)$"
@@ -40,10 +40,6 @@ _PARTS = {
 }
 # init_lora_weights values that rewrite the base weights at initialisation: the adapter fits only that rewritten base.
 BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
-    "merges.txt", "tokenizer.model", "spiece.model", "chat_template.jinja", "chat_template.json",
-)
 # bitsandbytes' Params4bit default, which transformers uses when it quantizes a model at load time.
 BNB_BLOCKSIZE = 64
 VERIFY_PROMPTS = (
@@ -99,7 +95,7 @@ class Layout:
 
 
 @dataclass
-class TensorPlan:
+class TensorAction:
     """What happens to one base tensor."""
 
     kind: str = ""
@@ -134,7 +130,7 @@ def merge_adapter(
     """Merge ADAPTER into BASE and write the result to OUT (nothing is left in OUT on any failure)."""
     base_dir, adapter_dir, out_dir = Path(base).expanduser(), Path(adapter).expanduser(), Path(out).expanduser()
     _check_paths(base_dir, adapter_dir, out_dir)
-    max_bytes = sio.parse_size(max_shard_size) if max_shard_size else None
+    max_bytes = parse_size(max_shard_size, "--max-shard-size") if max_shard_size else None
     recipe = _read_recipe(adapter_dir)
     quant = _quant_spec(recipe, quantized_base)
     into = merge_into or ("quantized" if quant else "original")
@@ -150,17 +146,14 @@ def merge_adapter(
     specs = {name: spec for s in shard_specs for name, spec in s.items()}
     ad = load_adapter(adapter_dir, weights)
     layout = model_layout(base_dir, quant if into == "quantized" else None)
-    plans, vocab = plan_merge(ad, layout, specs, base_dir)
+    actions, vocab = tensor_actions(ad, layout, specs, base_dir)
     out_dtype = _out_dtype(dtype, specs)
     method = _method_line(quant, into)
     print(f"merge-adapter: {method}", flush=True)
 
     # Built beside --out (same filesystem, so the final rename is atomic) and renamed only once complete.
-    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        files = _write_weights(shards, shard_specs, plans, tmp, quant, dtype, max_bytes, dev)
+    with rundir.build_beside(out_dir) as tmp:
+        files = _write_weights(shards, shard_specs, actions, tmp, quant, dtype, max_bytes, dev)
         _write_side_files(base_dir, adapter_dir, tmp, out_dtype, vocab)
         missing = sorted(set(specs) - _written_names(tmp, files))
         if missing:
@@ -171,12 +164,6 @@ def merge_adapter(
             print(f"merge-adapter: verification {check}", flush=True)
         card = model_card(base_dir, ad, method, out_dtype, files, check, recipe)
         (tmp / "README.md").write_text(card, encoding="utf-8")
-        if out_dir.is_dir():
-            out_dir.rmdir()  # checked empty above
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return MergeResult(out_dir, files, out_dtype, method, check)
 
 
@@ -205,16 +192,8 @@ def _device(name: str) -> Any:
     return dev
 
 
-def run_file(adapter_dir: Path, name: str) -> Path | None:
-    """A file of the training run: beside the adapter (final/) or in the run's output_dir above it."""
-    for d in (adapter_dir, adapter_dir.parent):
-        if (d / name).is_file():
-            return d / name
-    return None
-
-
 def _read_recipe(adapter_dir: Path) -> dict[str, Any]:
-    path = run_file(adapter_dir, RECIPE_FILE)
+    path = rundir.run_file(adapter_dir, RECIPE_FILE)
     if path is None:
         return {}
     try:
@@ -380,7 +359,8 @@ def model_layout(base_dir: Path, quant: QuantSpec | None) -> Layout:
         from transformers.integrations import replace_with_bnb_linear
         from transformers.quantizers.base import HfQuantizer
 
-        # transformers' own choice of layers to quantize (it skips the LM head, tied and fp32-kept modules).
+        # transformers' own choice of layers to quantize (it skips the LM head, tied and fp32-kept modules); the
+        # fp32-kept list is a private attribute of the model class, which transformers' quantizers read the same way.
         skip = HfQuantizer.get_modules_to_not_convert(model, None, model._keep_in_fp32_modules)
         replace_with_bnb_linear(model, modules_to_not_convert=skip, quantization_config=_bnb_config(quant))
         layout.quantized = {n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
@@ -389,22 +369,19 @@ def model_layout(base_dir: Path, quant: QuantSpec | None) -> Layout:
 
 def _bnb_config(quant: QuantSpec) -> Any:
     import torch
-    from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=quant.quant_type,
-        bnb_4bit_use_double_quant=quant.double_quant,
-        bnb_4bit_compute_dtype=torch.float32,
-    )
+    from sftdist.model import bnb_4bit_config
+
+    return bnb_4bit_config(quant.quant_type, quant.double_quant, torch.float32)
 
 
-def plan_merge(
+def tensor_actions(
     ad: Adapter, layout: Layout, specs: dict[str, tuple[tuple[int, ...], str]], base_dir: Path
-) -> tuple[dict[str, TensorPlan], int | None]:
+) -> tuple[dict[str, TensorAction], int | None]:
     """Map every adapter tensor onto a base tensor and check shapes, before anything is written.
 
-    Returns the per-tensor plans and the new vocabulary size when the adapter carries resized embeddings.
+    Returns what happens to each base tensor and the new vocabulary size when the adapter carries
+    resized embeddings.
     """
 
     def base_key(param: str) -> str | None:
@@ -414,7 +391,7 @@ def plan_merge(
         return None
 
     where = ad.weights_file
-    plans: dict[str, TensorPlan] = {}
+    actions: dict[str, TensorAction] = {}
     for mod in ad.modules.values():
         kind = layout.kinds.get(mod.name)
         if kind is None:
@@ -431,13 +408,13 @@ def plan_merge(
                     f"{where}: LoRA on {mod.name}, whose weight the base ties to {layout.tied[param]}; a merge would change both"
                 )
             raise UserError(f"--base {base_dir}: has no tensor {param} for the adapter's LoRA on {mod.name}")
-        plan = plans.setdefault(key, TensorPlan())
-        plan.kind, plan.lora = kind, mod
+        action = actions.setdefault(key, TensorAction())
+        action.kind, action.lora = kind, mod
         if "B_bias" in mod.parts:
             bias_key = base_key(f"{mod.name}.bias")
             if bias_key is None:
                 raise UserError(f"{where}: {mod.name} has lora_bias, but its base layer has no bias to merge it into")
-            plans.setdefault(bias_key, TensorPlan()).bias_of = mod
+            actions.setdefault(bias_key, TensorAction()).bias_of = mod
     for param, tensor in ad.full.items():
         key = base_key(param)
         if key is None:
@@ -449,22 +426,22 @@ def plan_merge(
                     f"{where}: holds a trained {param}, but the base ties it to {source}; one merged tensor cannot be both"
                 )
             raise UserError(f"{where}: holds a full tensor {param}, which the base model {base_dir} does not have")
-        plans.setdefault(key, TensorPlan()).full = tensor
+        actions.setdefault(key, TensorAction()).full = tensor
     for module in layout.quantized:
         key = base_key(f"{module}.weight")
         if key is not None:
-            plan = plans.setdefault(key, TensorPlan())
-            plan.kind, plan.dequantize = layout.kinds[module], True
-    vocab = _check_shapes(plans, specs, {base_key(p) for p in layout.embeddings}, ad.weights_file)
-    return plans, vocab
+            action = actions.setdefault(key, TensorAction())
+            action.kind, action.dequantize = layout.kinds[module], True
+    vocab = _check_shapes(actions, specs, {base_key(p) for p in layout.embeddings}, ad.weights_file)
+    return actions, vocab
 
 
-def _check_shapes(plans: dict[str, TensorPlan], specs: dict, embedding_keys: set, where: Path) -> int | None:
+def _check_shapes(actions: dict[str, TensorAction], specs: dict, embedding_keys: set, where: Path) -> int | None:
     vocab: int | None = None
-    for key, plan in plans.items():
+    for key, action in actions.items():
         shape = specs[key][0]
-        if plan.full is not None:
-            got = tuple(plan.full.shape)
+        if action.full is not None:
+            got = tuple(action.full.shape)
             if got != shape:
                 if key not in embedding_keys or got[1:] != shape[1:]:
                     raise UserError(f"{where}: {key} has shape {got}, but the base's {key} has shape {shape}")
@@ -472,22 +449,22 @@ def _check_shapes(plans: dict[str, TensorPlan], specs: dict, embedding_keys: set
                     raise UserError(f"{where}: input and output embeddings resized to different sizes ({vocab}, {got[0]})")
                 vocab = got[0]
             shape = got
-        if plan.lora is not None:
-            a, b = plan.lora.parts["A"], plan.lora.parts["B"]
+        if action.lora is not None:
+            a, b = action.lora.parts["A"], action.lora.parts["B"]
             out_in = (b.shape[0], a.shape[1])
-            want = out_in[::-1] if plan.kind in ("conv1d", "embedding") else out_in
+            want = out_in[::-1] if action.kind in ("conv1d", "embedding") else out_in
             if want != shape:
                 raise UserError(
-                    f"{where}: LoRA on {plan.lora.name} gives a delta of shape {want}, but base {key} has shape {shape}"
+                    f"{where}: LoRA on {action.lora.name} gives a delta of shape {want}, but base {key} has shape {shape}"
                 )
-            mag = plan.lora.parts.get("magnitude")
+            mag = action.lora.parts.get("magnitude")
             if mag is not None and tuple(mag.shape) != (out_in[0],):
                 got = tuple(mag.shape)
-                raise UserError(f"{where}: DoRA magnitude of {plan.lora.name} has shape {got}, expected ({out_in[0]},)")
-        if plan.bias_of is not None:
-            got = tuple(plan.bias_of.parts["B_bias"].shape)
+                raise UserError(f"{where}: DoRA magnitude of {action.lora.name} has shape {got}, expected ({out_in[0]},)")
+        if action.bias_of is not None:
+            got = tuple(action.bias_of.parts["B_bias"].shape)
             if got != shape:
-                raise UserError(f"{where}: lora_B bias of {plan.bias_of.name} has shape {got}, base {key} has {shape}")
+                raise UserError(f"{where}: lora_B bias of {action.bias_of.name} has shape {got}, base {key} has {shape}")
     return vocab
 
 
@@ -499,25 +476,27 @@ def _out_dtype(dtype: str | None, specs: dict) -> str:
     return min(floats, key=_PRECISION.index) if floats else "float32"
 
 
-def merged_tensor(tensor: Any, plan: TensorPlan | None, quant: QuantSpec | None, dtype: str | None, device: Any) -> Any:
+def merged_tensor(
+    tensor: Any, action: TensorAction | None, quant: QuantSpec | None, dtype: str | None, device: Any
+) -> Any:
     """One output tensor: the base (or the adapter's full copy), 4-bit round trip, LoRA/DoRA, cast."""
     import torch
 
     is_float = str(tensor.dtype).removeprefix("torch.") in _PRECISION
     target = getattr(torch, dtype) if dtype and is_float else tensor.dtype
-    if plan is None:
+    if action is None:
         return tensor.to(target)
-    w = plan.full if plan.full is not None else tensor
-    if plan.lora is None and plan.bias_of is None and not plan.dequantize:
+    w = action.full if action.full is not None else tensor
+    if action.lora is None and action.bias_of is None and not action.dequantize:
         return w.to(target)
     # A private float32 copy (the base tensor was just read; the adapter's must not change): merged in place.
-    w = w.to(device=device, dtype=torch.float32, copy=plan.full is not None)
-    if plan.dequantize:
-        w = quant_round_trip(w, quant, transposed=plan.kind == "conv1d")
-    if plan.lora is not None:
-        w = _add_lora(w, plan.lora, plan.kind)
-    if plan.bias_of is not None:
-        w.add_(plan.bias_of.parts["B_bias"].to(device, torch.float32), alpha=plan.bias_of.scaling)
+    w = w.to(device=device, dtype=torch.float32, copy=action.full is not None)
+    if action.dequantize:
+        w = quant_round_trip(w, quant, transposed=action.kind == "conv1d")
+    if action.lora is not None:
+        w = _add_lora(w, action.lora, action.kind)
+    if action.bias_of is not None:
+        w.add_(action.bias_of.parts["B_bias"].to(device, torch.float32), alpha=action.bias_of.scaling)
     return w.to(device="cpu", dtype=target)
 
 
@@ -561,13 +540,13 @@ def _add_lora(w: Any, mod: LoraModule, kind: str) -> Any:
 
 
 def _write_weights(
-    shards: list[Path], shard_specs: list[dict], plans: dict[str, TensorPlan], out: Path,
+    shards: list[Path], shard_specs: list[dict], actions: dict[str, TensorAction], out: Path,
     quant: QuantSpec | None, dtype: str | None, max_bytes: int | None, device: Any,
 ) -> list[str]:
     """Stream every base shard through `merged_tensor` into the output shards (planned up front)."""
     import gc
 
-    groups = [[_out_entry(name, spec, plans.get(name), dtype) for name, spec in specs.items()] for specs in shard_specs]
+    groups = [[_out_entry(name, spec, actions.get(name), dtype) for name, spec in specs.items()] for specs in shard_specs]
     if max_bytes is not None:
         groups = sio.split_by_size([e for g in groups for e in g], max_bytes)
     writer = sio.ShardWriter(out, groups)
@@ -575,9 +554,9 @@ def _write_weights(
         for i, (shard, specs) in enumerate(zip(shards, shard_specs), start=1):
             touched = 0
             for name, tensor in sio.shard_tensors(shard, list(specs)):
-                plan = plans.get(name)
-                touched += plan is not None
-                writer.write(name, merged_tensor(tensor, plan, quant, dtype, device))
+                action = actions.get(name)
+                touched += action is not None
+                writer.write(name, merged_tensor(tensor, action, quant, dtype, device))
                 del tensor
             gc.collect()
             print(f"merge-adapter: shard {i}/{len(shards)} {shard.name}: {touched} tensors changed", flush=True)
@@ -586,10 +565,12 @@ def _write_weights(
     return writer.finish()
 
 
-def _out_entry(name: str, spec: tuple[tuple[int, ...], str], plan: TensorPlan | None, dtype: str | None) -> sio.Entry:
+def _out_entry(
+    name: str, spec: tuple[tuple[int, ...], str], action: TensorAction | None, dtype: str | None
+) -> sio.TensorInfo:
     shape, stored = spec
-    if plan is not None and plan.full is not None:
-        shape = tuple(plan.full.shape)
+    if action is not None and action.full is not None:
+        shape = tuple(action.full.shape)
     return name, shape, dtype if dtype and stored in _PRECISION else stored
 
 
@@ -615,14 +596,7 @@ def _write_side_files(base: Path, adapter: Path, out: Path, dtype: str, vocab: i
         if (src / "generation_config.json").is_file():
             shutil.copy2(src / "generation_config.json", out / "generation_config.json")
             break
-    copy_tokenizer(adapter if any((adapter / f).is_file() for f in TOKENIZER_FILES) else base, out)
-
-
-def copy_tokenizer(src: Path, dst: Path) -> None:
-    """Copy the tokenizer files (and chat template) that `src` holds into `dst`."""
-    for f in TOKENIZER_FILES:
-        if (src / f).is_file():
-            shutil.copy2(src / f, dst / f)
+    rundir.copy_tokenizer(adapter if any((adapter / f).is_file() for f in rundir.TOKENIZER_FILES) else base, out)
 
 
 def _prompt_ids(model_dir: Path, vocab: int) -> list[Any]:
@@ -690,7 +664,7 @@ def verify_merge(base: Path, ad: Adapter, merged: Path, quant: QuantSpec | None,
 
 
 def _training_summary(adapter_dir: Path) -> list[str]:
-    path = run_file(adapter_dir, TRAINER_STATE)
+    path = rundir.run_file(adapter_dir, TRAINER_STATE)
     if path is None:
         return ["- training: no trainer_state.json beside the adapter"]
     try:

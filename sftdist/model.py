@@ -108,11 +108,22 @@ def resolve_attention(recipe: Recipe) -> str:
     return impl
 
 
-def quantization_config(recipe: Recipe) -> Any:
-    """bitsandbytes 4-bit config; the packed weights are stored in the compute dtype when FSDP2/ZeRO-3
-    must shard them (they only shard floating-point tensors), else in uint8 (bitsandbytes' default)."""
+def bnb_4bit_config(quant_type: str, double_quant: bool, compute_dtype: Any, storage_dtype: Any = None) -> Any:
+    """transformers' BitsAndBytesConfig for 4-bit weights, as training loads them and merge-adapter rebuilds them."""
     from transformers import BitsAndBytesConfig
 
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+        **({"bnb_4bit_quant_storage": storage_dtype} if storage_dtype is not None else {}),
+    )
+
+
+def quantization_config(recipe: Recipe) -> Any:
+    """The recipe's 4-bit config; the packed weights are stored in the compute dtype when FSDP2/ZeRO-3
+    must shard them (they only shard floating-point tensors), else in uint8 (bitsandbytes' default)."""
     q = recipe.quantization
     try:
         import bitsandbytes  # noqa: F401
@@ -125,13 +136,7 @@ def quantization_config(recipe: Recipe) -> Any:
         storage = compute if distributed.shards_parameters() else torch.uint8
     else:
         storage = getattr(torch, q.storage_dtype)
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=q.quant_type,
-        bnb_4bit_use_double_quant=q.double_quant,
-        bnb_4bit_compute_dtype=compute,
-        bnb_4bit_quant_storage=storage,
-    )
+    return bnb_4bit_config(q.quant_type, q.double_quant, compute, storage)
 
 
 def check_cpu_4bit(model: Any, where: str) -> None:
@@ -177,6 +182,36 @@ def load_config(recipe: Recipe) -> Any:
                 f"run unless {recipe.source} sets model.trust_remote_code: true"
             ) from None
         raise UserError(f"{m.name_or_path}: could not read config.json ({str(e).strip().splitlines()[0]})") from None
+
+
+def meta_model(recipe: Recipe) -> tuple[Any, Any]:
+    """(config, model) with every tensor on the meta device: shapes only, no weights read or allocated.
+    What preflight checks LoRA's target modules on and the planner counts parameters of."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(recipe)
+    try:
+        with torch.device("meta"):
+            return config, AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{recipe.model.name_or_path}: cannot build a causal LM from its config.json ({msg})") from None
+
+
+def with_lora(model: Any, recipe: Recipe) -> Any:
+    """The model wrapped by peft exactly as training wraps it (same LoraConfig), still on the meta device."""
+    import warnings
+
+    import torch
+    from peft import get_peft_model
+
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. fan_in_fan_out notes for Conv1D: this is a count, not a run
+        try:
+            return get_peft_model(model, lora_config(recipe))
+        except ValueError as e:
+            raise UserError(f"{recipe.source}: lora: {str(e).splitlines()[0]}") from None
 
 
 def check_context(recipe: Recipe, config: Any) -> None:

@@ -13,21 +13,14 @@ sourced in docs/plan.md; the comments below say which library behaviour each num
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from sftdist.errors import UserError
-from sftdist.recipe import Recipe
+from sftdist.recipe import Recipe, with_train
+from sftdist.strategies import DEEPSPEED, STRATEGIES, config_paths, deepspeed_json
+from sftdist.units import GiB, gib
 
-# Fastest first. ddp: one all-reduce of the gradients (2 x model bytes per step). zero1/zero2: the same
-# volume split into reduce-scatter + all-gather, plus bucketing and a sharded optimizer step. fsdp2/zero3:
-# parameters are all-gathered again in forward and backward (1.5x the volume, ZeRO paper sec. 7);
-# FSDP2 ranks before ZeRO-3 for its per-parameter sharding without DeepSpeed's hooks. zero3-offload
-# moves parameters over PCIe every step and runs Adam on the CPU: the slowest.
-STRATEGIES = ("single", "ddp", "zero1", "zero2", "fsdp2", "zero3", "zero3-offload")
-DEEPSPEED = ("zero1", "zero2", "zero3", "zero3-offload")
-GiB = 1 << 30
 CUDA_RESERVE = 1 * GiB  # CUDA context, cuBLAS/NCCL workspaces: never usable by tensors
 # Allocator fragmentation and communication buffers grow with the job: a share of the tensors' peak,
 # larger where parameters are gathered and freed in every layer (fitted to the calibration table, docs/plan.md).
@@ -35,26 +28,10 @@ FRAGMENTATION = {"zero3": 0.12, "zero3-offload": 0.12, "fsdp2": 0.12}
 FRAGMENTATION_DEFAULT = 0.05
 # The calibration table's spread: a plan within this share of the GPU is "tight", not "fits".
 UNCERTAINTY = 0.10
-TRL_BATCH_SIZE = 8  # per_device_train_batch_size when the recipe does not set it (TrainingArguments, kept by trl)
 # trl's fused LM head (add_fused_lm_head) scores tiles of 1024 tokens x 32768 vocabulary entries in fp32.
 LOGPROB_TILE_TOKENS, LOGPROB_TILE_VOCAB = 1024, 32768
 PER_TOKEN_OUTPUTS = 16  # fp32 log-prob, entropy, top-1 and log-sum-exp per token from that head
 NF4_BLOCK, NF4_DOUBLE_BLOCK = 64, 256  # bitsandbytes block sizes for absmax and double quantization
-SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-              "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}  # fmt: skip
-
-
-def parse_size(text: str, what: str = "--gpu-memory") -> int:
-    """'80GiB', '24GB', '81920MiB' -> bytes (GB is 10^9, GiB is 2^30; nvidia-smi's MiB are 2^20)."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in SIZE_UNITS:
-        raise UserError(f"{what} {text!r}: expected a size such as 500MB, 24GB or 80GiB")
-    size = int(float(m.group(1)) * SIZE_UNITS[m.group(2).lower()])
-    if size <= 0:
-        raise UserError(f"{what} {text!r}: expected a positive size")
-    return size
-
-
 def nf4_bytes_per_param(double_quant: bool) -> float:
     """4-bit weights plus bitsandbytes' absmax per 64-weight block (8-bit + fp32 per 256 blocks if doubly quantized)."""
     if double_quant:
@@ -106,12 +83,8 @@ def optimizer_step_temporaries(optim: str, param_bytes: float) -> float:
 def deepspeed_settings(strategy: str, hidden: int) -> dict:
     """The zero_optimization section (and whether it brings its own optimizer) of the DeepSpeed JSON that
     `sftdist launch --strategy` passes, with "auto" filled the way transformers fills it."""
-    import json
-
-    from sftdist.launcher import config_paths
-
     _, path = config_paths(strategy)
-    raw = json.loads(path.read_text(encoding="utf-8"))
+    raw = deepspeed_json(path)
     zero = dict(raw.get("zero_optimization", {}))
     auto = {"reduce_bucket_size": hidden * hidden, "stage3_prefetch_bucket_size": 0.9 * hidden * hidden,
             "stage3_param_persistence_threshold": 10 * hidden}  # fmt: skip
@@ -281,25 +254,6 @@ def _check_size_fields(name_or_path: str, config: object) -> None:
             )
 
 
-def _meta_model(recipe: Recipe) -> tuple[object, object]:
-    """(config, model) with every tensor on the meta device: shapes only, no weights read or allocated."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from sftdist.model import check_model_path
-
-    m = recipe.model
-    check_model_path(m.name_or_path)
-    try:
-        config = AutoConfig.from_pretrained(m.name_or_path, trust_remote_code=m.trust_remote_code)
-        _check_size_fields(m.name_or_path, config)
-        with torch.device("meta"):
-            return config, AutoModelForCausalLM.from_config(config, trust_remote_code=m.trust_remote_code)
-    except (OSError, ValueError, KeyError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"{m.name_or_path}: cannot build a causal LM from its config.json ({msg})") from None
-
-
 def _bnb_4bit_weights(model: object) -> set[int]:
     """ids of the weights transformers' replace_with_bnb_linear would store in 4 bits (Linear/Conv1D but the head)."""
     import torch
@@ -315,29 +269,15 @@ def _bnb_4bit_weights(model: object) -> set[int]:
     }
 
 
-def _with_lora(model: object, recipe: Recipe) -> object:
-    """The model wrapped by peft exactly as training wraps it (same LoraConfig), still on the meta device."""
-    import warnings
-
-    import torch
-    from peft import get_peft_model
-
-    from sftdist.model import lora_config
-
-    with torch.device("meta"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # e.g. fan_in_fan_out notes for Conv1D: this is a count, not a run
-        try:
-            return get_peft_model(model, lora_config(recipe))
-        except ValueError as e:
-            raise UserError(f"{recipe.source}: lora: {str(e).splitlines()[0]}") from None
-
-
 def count_model(recipe: Recipe) -> ModelCounts:
     """Build the recipe's model on the meta device, mark its 4-bit weights, wrap it with LoRA, and count."""
-    config, model = _meta_model(recipe)
+    from sftdist.model import meta_model, with_lora
+
+    config, model = meta_model(recipe)
+    _check_size_fields(recipe.model.name_or_path, config)
     quantized = _bnb_4bit_weights(model) if recipe.method == "qlora" else set()
     if recipe.method != "full":
-        model = _with_lora(model, recipe)
+        model = with_lora(model, recipe)
     params = list(model.parameters())
     trainable = {id(p) for p in params if p.requires_grad}
 
@@ -378,32 +318,27 @@ def count_model(recipe: Recipe) -> ModelCounts:
 
 def workload(recipe: Recipe) -> Workload:
     """Dtypes and micro-batch as sftdist would train the recipe on a bf16-capable GPU."""
-    from sftdist.train import train_kwargs
-
-    t = train_kwargs(recipe)
-    fp16 = bool(t.get("fp16"))
-    autocast = fp16 or bool(t.get("bf16", True))  # trl: bf16 defaults to True unless fp16 is set
+    fp16 = bool(recipe.train_setting("fp16"))
+    bf16 = recipe.train_setting("bf16")
+    autocast = fp16 or bf16 is None or bool(bf16)  # trl: bf16 defaults to True unless fp16 is set
     # model.resolve_dtype: "auto" is fp32 for full fine-tuning (fp32 masters, bf16 autocast) and bf16
     # for a frozen LoRA base on a GPU; qlora loads the rest in the compute dtype.
     dtype = recipe.quantization.compute_dtype if recipe.method == "qlora" else recipe.model.dtype
     full_fp32 = recipe.method == "full" and dtype == "auto"
     loaded = 4 if dtype == "float32" or full_fp32 else 2
-    batch = t.get("per_device_train_batch_size", TRL_BATCH_SIZE)
+    batch = recipe.per_device_batch
     if not isinstance(batch, int) or batch < 1:
         raise UserError(f"{recipe.source}: train.per_device_train_batch_size is {batch!r}; expected a positive integer")
-    sp = recipe.sequence_parallel
-    if not isinstance(sp, int) or sp < 1:
-        raise UserError(f"{recipe.source}: sequence_parallel is {sp!r}; expected a positive integer")
-    optim = t.get("optim") or DEFAULT_OPTIM
+    optim = recipe.train_setting("optim") or DEFAULT_OPTIM
     return Workload(
         loaded_bytes=loaded,
         autocast=autocast,
         act_bytes=2 if autocast or loaded == 2 else 4,
         batch=batch,
         seq=recipe.data.max_length,
-        checkpointing=bool(t["activation_checkpointing"]),
+        checkpointing=recipe.activation_checkpointing,
         optim=str(getattr(optim, "value", optim)),
-        sequence_parallel=sp,
+        sequence_parallel=recipe.sequence_parallel,
     )
 
 
@@ -458,8 +393,6 @@ def fsdp2_reshards_after_forward() -> bool:
     """fsdp_reshard_after_forward of the shipped FSDP2 accelerate config (false keeps every gathered
     layer until the backward, like ZeRO-2)."""
     import yaml
-
-    from sftdist.launcher import config_paths
 
     acc, _ = config_paths("fsdp2")
     cfg = yaml.safe_load(acc.read_text(encoding="utf-8")) or {}
@@ -562,7 +495,7 @@ def make_plan(
             f"{recipe.source}: sequence_parallel {work.sequence_parallel} does not divide the {world} GPU(s) in all; "
             f"expected one of {', '.join(map(str, sp_options(counts, world)))}"
         )
-    names = ("single", "zero3-offload") if world == 1 else STRATEGIES[1:]
+    names = ("single", "zero3-offload") if world == 1 else tuple(STRATEGIES)[1:]
     if work.sequence_parallel > 1:  # Ulysses runs under DeepSpeed only (seqpar.check refuses the others)
         names = tuple(n for n in names if n.startswith("zero"))
     estimates = [estimate(recipe, counts, work, s, world, nodes) for s in names]
@@ -583,9 +516,7 @@ def with_sequence_parallel(plan: Plan, n: int) -> Plan:
 
 def one_sample(plan: Plan) -> Plan:
     """The plan for one sample at max_length per micro-batch, with checkpointing: the least a rank can hold."""
-    train = {k: v for k, v in plan.recipe.train.items() if k != "gradient_checkpointing"}
-    train.update(activation_checkpointing=True, per_device_train_batch_size=1)
-    recipe = dataclasses.replace(plan.recipe, train=train)
+    recipe = with_train(plan.recipe, activation_checkpointing=True, per_device_train_batch_size=1)
     return make_plan(recipe, plan.gpus, plan.gpu_memory, plan.nodes, plan.cpu_memory, plan.counts)
 
 
@@ -598,10 +529,6 @@ def smallest_sp(plan: Plan) -> tuple[int, Plan] | None:
         if alt.recommended is not None:
             return n, alt
     return None
-
-
-def _gib(x: float) -> str:
-    return f"{x / GiB:.1f}"
 
 
 def _count(n: int) -> str:
@@ -626,8 +553,8 @@ def format_plan(plan: Plan) -> str:
         f"model: {r.model.name_or_path} ({k.model_type}, {trained}; method {r.method}; optimizer {w.optim})",
         f"micro-batch: {w.batch} x {w.seq} tokens per GPU{sp}; {prec}; activations {w.act_bytes} bytes/value; "
         f"gradient checkpointing {'on' if w.checkpointing else 'off'} (train.gradient_checkpointing)",
-        f"cluster: {plan.nodes} node(s) x {plan.gpus} GPU(s) x {_gib(plan.gpu_memory)} GiB; reserve per GPU: "
-        f"{_gib(CUDA_RESERVE)} GiB for the CUDA context + {FRAGMENTATION_DEFAULT:.0%} of the total "
+        f"cluster: {plan.nodes} node(s) x {plan.gpus} GPU(s) x {gib(plan.gpu_memory)} GiB; reserve per GPU: "
+        f"{gib(CUDA_RESERVE)} GiB for the CUDA context + {FRAGMENTATION_DEFAULT:.0%} of the total "
         f"({FRAGMENTATION['zero3']:.0%} for fsdp2/zero3) for fragmentation; figures in {unit} per GPU",
         "",
         f"{'strategy':<14}{'weights':>9}{'grads':>8}{'optim':>8}{'buffers':>9}{'act ckpt':>10}{'act full':>10}"
@@ -650,19 +577,19 @@ def format_plan(plan: Plan) -> str:
     if best is not None:
         if plan.status(best) == "tight":
             lines.append(
-                f"recommended: {best.strategy}, but tight: margin {_gib(plan.margin(best))} GiB per GPU is within "
+                f"recommended: {best.strategy}, but tight: margin {gib(plan.margin(best))} GiB per GPU is within "
                 f"the planner's {UNCERTAINTY:.0%} uncertainty; nothing fits with room to spare "
                 f"(order: {', '.join(e.strategy for e in plan.estimates)})"
             )
         else:
             lines.append(
-                f"recommended: {best.strategy} (margin {_gib(plan.margin(best))} GiB per GPU): the fastest that fits "
+                f"recommended: {best.strategy} (margin {gib(plan.margin(best))} GiB per GPU): the fastest that fits "
                 f"(order: {', '.join(e.strategy for e in plan.estimates)})"
             )
             faster = [e for e in plan.estimates[: plan.estimates.index(best)] if plan.status(e) == "tight"]
             if faster:
                 lines.append(
-                    f"note: {faster[0].strategy} is faster but tight (margin {_gib(plan.margin(faster[0]))} GiB, "
+                    f"note: {faster[0].strategy} is faster but tight (margin {gib(plan.margin(faster[0]))} GiB, "
                     f"within the planner's {UNCERTAINTY:.0%} uncertainty)"
                 )
         lines.extend(_checkpointing_hints(plan, best))
@@ -679,10 +606,10 @@ def _sequence_parallel_lines(plan: Plan) -> list[str]:
     for n in options:
         alt = one_sample(with_sequence_parallel(plan, n))
         best = alt.recommended
-        act = _gib(best.act_ckpt if best else min(e.act_ckpt for e in alt.estimates))
+        act = gib(best.act_ckpt if best else min(e.act_ckpt for e in alt.estimates))
         outcome = "nothing fits"
         if best is not None:
-            outcome = f"{best.strategy} {_fit_word(alt, best)}, margin {_gib(alt.margin(best))}"
+            outcome = f"{best.strategy} {_fit_word(alt, best)}, margin {gib(alt.margin(best))}"
         parts.append(f"{n}: activations {act} GiB ({outcome})")
     lines = [
         f"sequence_parallel options (one {plan.work.seq}-token sample per micro-batch, checkpointing on, "
@@ -712,15 +639,14 @@ def _checkpointing_hints(plan: Plan, best: Estimate) -> list[str]:
     if plan.work.checkpointing and other.strategy == best.strategy:
         return [
             f"hint: {best.strategy} also fits without gradient checkpointing (margin "
-            f"{_gib(plan.margin(other))} GiB): set train.gradient_checkpointing=false for ~25% more speed"
+            f"{gib(plan.margin(other))} GiB): set train.gradient_checkpointing=false for ~25% more speed"
         ]
     # Recomputation costs ~25%; only worth it to avoid gathering parameters in every pass (fsdp2/zero3/offload).
-    if not plan.work.checkpointing and STRATEGIES.index(other.strategy) <= STRATEGIES.index("zero2") < STRATEGIES.index(
-        best.strategy
-    ):
+    order = list(STRATEGIES)
+    if not plan.work.checkpointing and order.index(other.strategy) <= order.index("zero2") < order.index(best.strategy):
         return [
             f"hint: with train.gradient_checkpointing=true, {other.strategy} fits (margin "
-            f"{_gib(plan.margin(other))} GiB) and no longer gathers parameters in every pass"
+            f"{gib(plan.margin(other))} GiB) and no longer gathers parameters in every pass"
         ]
     return []
 
@@ -743,27 +669,26 @@ def _closest(plan: Plan) -> Estimate:
 def _outcome(plan: Plan) -> str:
     best = plan.recommended
     if best is not None:
-        return f"{best.strategy} {_fit_word(plan, best)}, margin {_gib(plan.margin(best))} GiB"
+        return f"{best.strategy} {_fit_word(plan, best)}, margin {gib(plan.margin(best))} GiB"
     e = _closest(plan)
-    return f"still {_gib(-plan.margin(e))} GiB short with {e.strategy}"
+    return f"still {gib(-plan.margin(e))} GiB short with {e.strategy}"
 
 
 def no_fit_error(plan: Plan) -> UserError:
     """Nothing fits: by how much, and what each change (checkpointing, batch 1, qlora, more GPUs) would give."""
     r = plan.recipe
     closest = _closest(plan)
-    ckpt = {**{k: v for k, v in r.train.items() if k != "gradient_checkpointing"}, "activation_checkpointing": True}
+    ckpt = with_train(r, activation_checkpointing=True)
     changes = []
     if not plan.work.checkpointing:
-        changes.append(("train.gradient_checkpointing=true", {"train": ckpt}))
+        changes.append(("train.gradient_checkpointing=true", ckpt))
     if plan.work.batch > 1:
-        batch1 = {**ckpt, "per_device_train_batch_size": 1}
-        changes.append(("train.per_device_train_batch_size=1 with checkpointing", {"train": batch1}))
+        changes.append(("train.per_device_train_batch_size=1 with checkpointing",
+                        with_train(ckpt, per_device_train_batch_size=1)))
     if r.method != "qlora":
-        changes.append(("method: qlora with checkpointing", {"method": "qlora", "train": ckpt}))
+        changes.append(("method: qlora with checkpointing", dataclasses.replace(ckpt, method="qlora")))
     tries = []
-    for label, change in changes:
-        alt = dataclasses.replace(r, **change)
+    for label, alt in changes:
         counts = plan.counts if alt.method == r.method else None
         alt_plan = make_plan(alt, plan.gpus, plan.gpu_memory, plan.nodes, plan.cpu_memory, counts)
         tries.append(f"{label}: {_outcome(alt_plan)}")
@@ -777,11 +702,11 @@ def no_fit_error(plan: Plan) -> UserError:
     tries.append("a smaller data.max_length")
     offload = next((e for e in plan.estimates if e.strategy == "zero3-offload"), None)
     if offload is not None and plan.margin(offload) >= 0 and not plan.cpu_ok(offload):
-        tries.append(f"zero3-offload, if each node has {_gib(offload.cpu)} GiB of CPU RAM (--cpu-memory)")
+        tries.append(f"zero3-offload, if each node has {gib(offload.cpu)} GiB of CPU RAM (--cpu-memory)")
     return UserError(
         f"{r.source}: no strategy fits method {r.method} of {r.model.name_or_path} ({_count(plan.counts.total)} "
-        f"parameters) on {plan.world} GPU(s) of {_gib(plan.gpu_memory)} GiB; the closest, {closest.strategy}, is "
-        f"{_gib(-plan.margin(closest))} GiB short per GPU. Try: {'; '.join(tries)}"
+        f"parameters) on {plan.world} GPU(s) of {gib(plan.gpu_memory)} GiB; the closest, {closest.strategy}, is "
+        f"{gib(-plan.margin(closest))} GiB short per GPU. Try: {'; '.join(tries)}"
     )
 
 
@@ -796,60 +721,15 @@ def choose_strategy(
     order = [e.strategy for e in plan.estimates]
     skipped = [e for e in plan.estimates[: order.index(best.strategy)]]
     why = (
-        f"planned {_gib(best.total)} GiB + {_gib(plan.reserve(best))} GiB reserve per GPU of "
-        f"{_gib(plan.gpu_memory)} GiB on {plan.world} GPU(s), margin {_gib(plan.margin(best))} GiB"
+        f"planned {gib(best.total)} GiB + {gib(plan.reserve(best))} GiB reserve per GPU of "
+        f"{gib(plan.gpu_memory)} GiB on {plan.world} GPU(s), margin {gib(plan.margin(best))} GiB"
     )
     if plan.status(best) == "tight":
         why += f" (tight: within the planner's {UNCERTAINTY:.0%} uncertainty)"
     if skipped:
         why += "; faster but " + ", ".join(
-            f"{e.strategy} {'tight' if plan.status(e) == 'tight' else f'short by {_gib(-plan.margin(e))} GiB'}"
+            f"{e.strategy} {'tight' if plan.status(e) == 'tight' else f'short by {gib(-plan.margin(e))} GiB'}"
             if plan.margin(e) < 0 or plan.status(e) == "tight" else f"{e.strategy} needs CPU RAM"
             for e in skipped
         )
     return best.strategy, why
-
-
-def recommend_strategy(
-    recipe: Recipe, gpus: int, gpu_memory_bytes: int, nodes: int = 1, cpu_memory_bytes: int | None = None
-) -> str:
-    """The fastest strategy that fits; UserError when none does.
-
-    zero3-offload is only chosen when the CPU RAM per node is given and large enough.
-    """
-    return choose_strategy(recipe, gpus, gpu_memory_bytes, nodes, cpu_memory_bytes)[0]
-
-
-def auto_strategy(
-    recipe: Recipe, gpus: int, num_processes: int | None, num_machines: int, gpu_memory_bytes: int | None
-) -> tuple[str, int, str]:
-    """(strategy, processes per machine, why) for `sftdist launch --strategy auto`.
-
-    On GPUs: every visible GPU (or --num-processes of them), each with the smallest visible GPU's
-    memory unless --gpu-memory says otherwise, and this machine's RAM for zero3-offload. Without a
-    GPU: --num-processes is required, each process is planned as a device holding an equal share of
-    this machine's RAM (or --gpu-memory), in fp32 as sftdist trains on CPU, and offload is never chosen
-    (there is no device memory to relieve).
-    """
-    import psutil
-
-    ram = psutil.virtual_memory().total
-    if gpus:
-        import torch
-
-        processes = num_processes or gpus
-        memory = gpu_memory_bytes or min(torch.cuda.get_device_properties(i).total_memory for i in range(gpus))
-        cpu_memory: int | None = ram
-        where = f"{processes} GPU(s) per machine"
-    else:
-        if num_processes is None:
-            raise UserError("--strategy auto: no GPU is visible; pass --num-processes N (processes per machine)")
-        processes = num_processes
-        memory = gpu_memory_bytes or ram // processes
-        cpu_memory = None
-        where = f"{processes} CPU process(es) per machine, each planned with {_gib(memory)} GiB of this machine's RAM"
-        train = {k: v for k, v in recipe.train.items() if k not in ("bf16", "fp16")}
-        model = recipe.model if recipe.model.dtype != "auto" else dataclasses.replace(recipe.model, dtype="float32")
-        recipe = dataclasses.replace(recipe, model=model, train={**train, "bf16": False})
-    strategy, why = choose_strategy(recipe, processes, memory, num_machines, cpu_memory)
-    return strategy, processes, f"{where}: {why}"

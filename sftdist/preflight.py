@@ -9,7 +9,9 @@ model is read from config.json and, for LoRA, built on the meta device: no weigh
 from __future__ import annotations
 
 from sftdist.errors import UserError
-from sftdist.recipe import Recipe, check_train_keys
+from sftdist.model import check_context, load_config, meta_model, with_lora
+from sftdist.recipe import Recipe, typed_train
+from sftdist.units import parse_size
 
 
 def check_shard_size(text: str, where: str) -> int:
@@ -17,8 +19,6 @@ def check_shard_size(text: str, where: str) -> int:
     number of bytes ('500MB', '5GB', '2GiB'); transformers reads '1.5GB' as an error at the first
     checkpoint and '500mb' as megabits."""
     from transformers.utils.hub import convert_file_size_to_int
-
-    from sftdist.plan import parse_size
 
     expected = f"{where} {text!r}: expected a whole number and a unit, such as 500MB, 5GB or 2GiB"
     try:
@@ -34,8 +34,7 @@ def check_shard_size(text: str, where: str) -> int:
 def check_values(recipe: Recipe) -> None:
     """Ranges that the libraries accept silently and fail on (or train wrongly with) later."""
     src = recipe.source or "recipe"
-    check_train_keys(recipe)  # types first: YAML reads 2e-5 as a string
-    lr = recipe.train.get("learning_rate")
+    lr = typed_train(recipe).get("learning_rate")  # typed: YAML reads 2e-5 as a string
     if lr is not None and lr <= 0:
         raise UserError(f"{src}: train.learning_rate is {lr}; expected a positive number")
     if recipe.method in ("lora", "qlora"):
@@ -51,10 +50,7 @@ def check_values(recipe: Recipe) -> None:
 
 def check_recipe(recipe: Recipe) -> None:
     """All checks: values, the model's context, and that LoRA's target_modules match some layer."""
-    from sftdist.model import check_context, load_config
-    from sftdist.plan import _meta_model, _with_lora
-
     check_values(recipe)
     check_context(recipe, load_config(recipe))
     if recipe.method in ("lora", "qlora"):
-        _with_lora(_meta_model(recipe)[1], recipe)  # peft's own matching, on the meta device
+        with_lora(meta_model(recipe)[1], recipe)  # peft's own matching, on the meta device

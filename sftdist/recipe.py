@@ -1,10 +1,10 @@
 """YAML recipe -> one typed `Recipe`.
 
 The recipe maps 1:1 onto the code: `model` -> model.py, `method`/`lora`/`quantization` -> the
-adapter, `data` -> data/, `train` -> trl's `SFTConfig` (passed through), `output_dir`. Unknown keys
-are errors that suggest the nearest valid key; values are checked against the field's type, so a
-typo fails before any model is loaded. This module imports nothing heavy (the `train` section is
-checked against `SFTConfig` only when `check_train_keys` is called).
+adapter, `data` -> data/, `train` -> trl's `SFTConfig` (passed through, over our defaults:
+`train_kwargs`), `output_dir`. Unknown keys are errors that suggest the nearest valid key; values
+are checked against the field's type, so a typo fails before any model is loaded. This module
+imports nothing heavy (the `train` section is checked against `SFTConfig` only by `typed_train`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,22 @@ METHODS = ("full", "lora", "qlora")
 FORMATS = ("auto", "text", "prompt_completion", "dolly", "alpaca", "messages", "sharegpt", "dpo_chosen", "kto_good")
 LOSS_ON = ("completion", "all")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
-RECIPE_FILE = "sftdist_recipe.yaml"
+
+# Our defaults for trl's SFTConfig; any `train:` key in the recipe wins.
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "report_to": ["tensorboard"],
+    # trl turns it on by default; recomputing activations costs ~25% of the speed (docs/plan.md), and
+    # small models do not need it. Recipes for large models set it (and `sftdist plan` says when).
+    "activation_checkpointing": False,
+    "logging_steps": 10,
+    "save_steps": 500,
+    "save_total_limit": 3,
+    "include_num_input_tokens_seen": "non_padding",
+    "dataloader_drop_last": False,
+}
+# The library defaults (TrainingArguments / SFTConfig) of the `train:` keys that sftdist itself reads
+# before any SFTConfig exists (the planner, the data report, the data cache).
+LIBRARY_DEFAULTS: dict[str, Any] = {"per_device_train_batch_size": 8, "shuffle_dataset": False, "ignore_data_skip": False}
 
 
 @dataclass
@@ -123,6 +138,44 @@ class Recipe:
         d = dataclasses.asdict(self)
         d.pop("source")
         return d
+
+    def train_setting(self, key: str) -> Any:
+        """A `train:` value as the trainer will get it: the recipe's, else ours, else the library's."""
+        return train_kwargs(self).get(key, LIBRARY_DEFAULTS.get(key))
+
+    @property
+    def per_device_batch(self) -> int:
+        return self.train_setting("per_device_train_batch_size")
+
+    @property
+    def shuffle_dataset(self) -> bool:
+        """trl's `shuffle_dataset` (before packing), which the data cache applies since trl's preparation is skipped."""
+        return bool(self.train_setting("shuffle_dataset"))
+
+    @property
+    def activation_checkpointing(self) -> bool:
+        return bool(self.train_setting("activation_checkpointing"))
+
+
+def _canonical(train: dict[str, Any]) -> dict[str, Any]:
+    """`train:` with transformers 5's deprecated `gradient_checkpointing*` aliases renamed to
+    `activation_checkpointing*`, which win whenever set (so the alias never silently loses to our default)."""
+    train = dict(train)
+    for alias, name in (("gradient_checkpointing", "activation_checkpointing"),
+                        ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
+        if alias in train:
+            train.setdefault(name, train.pop(alias))
+    return train
+
+
+def train_kwargs(recipe: Recipe, train: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Our defaults overlaid with the recipe's `train:` (or `train`, its typed copy)."""
+    return {**TRAIN_DEFAULTS, **_canonical(recipe.train if train is None else train)}
+
+
+def with_train(recipe: Recipe, **changes: Any) -> Recipe:
+    """The same recipe with `train:` keys changed, for what-if plans."""
+    return dataclasses.replace(recipe, train={**_canonical(recipe.train), **changes})
 
 
 class _RecipeLoader(yaml.SafeLoader):
@@ -337,13 +390,15 @@ def load_recipe(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -
         raise UserError(msg if msg.startswith(str(p)) else f"{p}: {msg}") from None
 
 
-def check_train_keys(recipe: Recipe) -> None:
-    """Check `train:` against trl's SFTConfig fields (imports trl, so it is not done at load time)."""
+def typed_train(recipe: Recipe) -> dict[str, Any]:
+    """`train:` checked against trl's SFTConfig fields, its plain scalars converted to the field's type
+    (YAML reads 2e-5 as a string); imports trl, so it is not done at load time. The recipe is unchanged."""
     from trl import SFTConfig
 
     hints = typing.get_type_hints(SFTConfig)
     names = [f.name for f in dataclasses.fields(SFTConfig) if f.init]
     owned = {"output_dir", "max_length", "packing", "completion_only_loss", "assistant_only_loss"}
+    typed = dict(recipe.train)
     for key, value in recipe.train.items():
         if key in owned:
             where = "output_dir" if key == "output_dir" else f"data.{key}"
@@ -355,4 +410,5 @@ def check_train_keys(recipe: Recipe) -> None:
         if tp in (bool, int, float) or typing.get_origin(tp) in (typing.Union, types.UnionType) and all(
             a in (bool, int, float, type(None)) for a in typing.get_args(tp)
         ):
-            recipe.train[key] = _coerce(value, tp, f"{recipe.source}: train.{key}")
+            typed[key] = _coerce(value, tp, f"{recipe.source}: train.{key}")
+    return typed

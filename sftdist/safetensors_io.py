@@ -28,13 +28,6 @@ DTYPE_SIZES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64":
                "int8": 1, "uint8": 1, "bool": 1}
 
 
-def parse_size(text: str) -> int:
-    """'2GB' / '500MB' / '1.5GiB' -> bytes, read as `save_pretrained` reads them (GB = 10^9)."""
-    from sftdist.plan import parse_size as parse
-
-    return parse(text, "--max-shard-size")
-
-
 def _shards_from_index(index: Path) -> list[Path]:
     try:
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
@@ -98,16 +91,16 @@ def load_tensors(path: Path) -> dict[str, Any]:
     return dict(shard_tensors(path))
 
 
-Entry = tuple[str, tuple[int, ...], str]  # tensor name, shape, torch dtype name
+TensorInfo = tuple[str, tuple[int, ...], str]  # one tensor of a planned shard: name, shape, torch dtype name
 
 
 def nbytes(shape: tuple[int, ...], dtype: str) -> int:
     return math.prod(shape) * DTYPE_SIZES[dtype]
 
 
-def split_by_size(entries: list[Entry], max_bytes: int) -> list[list[Entry]]:
+def split_by_size(entries: list[TensorInfo], max_bytes: int) -> list[list[TensorInfo]]:
     """Cut a tensor sequence into shards of at most max_bytes (a larger tensor gets a shard of its own)."""
-    groups: list[list[Entry]] = [[]]
+    groups: list[list[TensorInfo]] = [[]]
     size = 0
     for e in entries:
         n = nbytes(e[1], e[2])
@@ -119,7 +112,7 @@ def split_by_size(entries: list[Entry], max_bytes: int) -> list[list[Entry]]:
     return [g for g in groups if g]
 
 
-def _header(entries: list[Entry]) -> bytes:
+def _header(entries: list[TensorInfo]) -> bytes:
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, shape, dtype in entries:
@@ -139,7 +132,7 @@ class ShardWriter:
     before the data, so each shard's header is written first and the tensors are appended as they come.
     """
 
-    def __init__(self, out_dir: Path, groups: list[list[Entry]]) -> None:
+    def __init__(self, out_dir: Path, groups: list[list[TensorInfo]]) -> None:
         self.out_dir = out_dir
         self.groups = groups
         n = len(groups)

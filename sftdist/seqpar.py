@@ -70,10 +70,10 @@ def training_overrides(recipe: Recipe) -> dict[str, Any]:
     from accelerate.parallelism_config import ParallelismConfig
     from accelerate.utils import DeepSpeedSequenceParallelConfig
 
-    from sftdist import distributed
+    from sftdist.distributed import launched_type
     from sftdist.model import resolve_attention
 
-    launched, world = distributed._launched_type(), int(os.environ.get("WORLD_SIZE", "1"))
+    launched, world = launched_type(), int(os.environ.get("WORLD_SIZE", "1"))
     check(recipe, launched.lower() if launched else None, world)
     # DeepSpeed's dataloader adapter all-gathers every rank's batch, then cuts each into N equal slices: the
     # length must be a multiple of N, and gloo cannot all-gather tensors of different lengths, so every batch is
@@ -146,17 +146,41 @@ def install(trainer: Any, recipe: Recipe) -> bool:
         tokens = (inputs["shift_labels"] != -100).sum()
         with _group_safe_all_gather():
             result = compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+        # (no public accessor of the SP group in DeepSpeed; transformers' SP loss uses the same)
         torch.distributed.all_reduce(tokens, group=groups._get_sequence_parallel_group())
         weight = tokens * data_parallel * trainer.current_gradient_accumulation_steps / step_tokens[0].clamp(min=1)
         if return_outputs:
             return _scale_gradient(result[0] * weight, gradient_scale), result[1]
         return _scale_gradient(result * weight, gradient_scale)
 
+    # The Trainer's private hook is where it counts a step's loss tokens; there is no public one.
     trainer._get_num_items_in_batch = count_step_tokens
     trainer.compute_loss = weighted_compute_loss
-    if not recipe.train.get("ignore_data_skip", False):
+    trainer.add_callback(_sequence_parallel_check(pc.sp_size))
+    if not recipe.train_setting("ignore_data_skip"):
         trainer.add_callback(_skip_trained_batches())
     return True
+
+
+def _sequence_parallel_check(size: int) -> Any:
+    """A callback that stops the run at its start unless DeepSpeed really formed sequence-parallel groups of
+    `size` (the groups exist only once the trainer has prepared the model); otherwise every process would train
+    on its own samples, a data-parallel run labelled sequence-parallel."""
+    from transformers import TrainerCallback
+
+    class SequenceParallelCheck(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            from deepspeed.utils import groups
+
+            # DeepSpeed's groups module has no public accessor for the SP group; transformers uses this one.
+            got = groups._get_sequence_parallel_world_size()
+            if got != size:
+                raise UserError(
+                    f"sequence_parallel: {size} was asked for but DeepSpeed formed groups of {got}; refusing a run "
+                    "that would not share samples as configured"
+                )
+
+    return SequenceParallelCheck()
 
 
 def _skip_trained_batches() -> Any:

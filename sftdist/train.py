@@ -17,39 +17,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sftdist import checkpoint, distributed, fast_head, preflight, seqpar
-from sftdist.errors import UserError
-from sftdist.recipe import Recipe, check_train_keys
+from sftdist.errors import EXIT_PREEMPTED, UserError
+from sftdist.recipe import Recipe, train_kwargs, typed_train
+from sftdist.rundir import FINAL_DIR, RUN_INFO, write_json_atomic
 
 if TYPE_CHECKING:
     from sftdist.data.pipeline import Prepared
-
-FINAL_DIR = checkpoint.FINAL_DIR
-RUN_INFO = checkpoint.RUN_INFO
-
-# Our defaults for trl's SFTConfig; any `train:` key in the recipe wins.
-TRAIN_DEFAULTS: dict[str, Any] = {
-    "report_to": ["tensorboard"],
-    # trl turns it on by default; it costs ~30% speed and small models do not need it. Recipes for
-    # large models set it (and `sftdist plan` says when).
-    "activation_checkpointing": False,
-    "logging_steps": 10,
-    "save_steps": 500,
-    "save_total_limit": 3,
-    "include_num_input_tokens_seen": "non_padding",
-    "dataloader_drop_last": False,
-}
-
-
-def train_kwargs(recipe: Recipe) -> dict[str, Any]:
-    """Our defaults overlaid with the recipe's `train:`. `gradient_checkpointing` is transformers 5's
-    deprecated alias of `activation_checkpointing`, which wins whenever set, so the alias is renamed
-    here rather than silently losing to our default."""
-    train = dict(recipe.train)
-    if "gradient_checkpointing" in train:
-        train.setdefault("activation_checkpointing", train.pop("gradient_checkpointing"))
-    if "gradient_checkpointing_kwargs" in train:
-        train.setdefault("activation_checkpointing_kwargs", train.pop("gradient_checkpointing_kwargs"))
-    return {**TRAIN_DEFAULTS, **train}
 
 
 def build_sft_config(recipe: Recipe) -> Any:
@@ -58,15 +31,15 @@ def build_sft_config(recipe: Recipe) -> Any:
 
     from sftdist.model import has_cuda
 
-    check_train_keys(recipe)
+    train = typed_train(recipe)
     if not has_cuda():
         for flag in ("bf16", "fp16"):
-            if recipe.train.get(flag):
+            if train.get(flag):
                 raise UserError(
                     f"{recipe.source}: train.{flag}: true, but no GPU is visible and CPU training runs in "
                     f"float32; remove train.{flag}"
                 )
-    train, hardware = train_kwargs(recipe), distributed.training_overrides()
+    train, hardware = train_kwargs(recipe, train), distributed.training_overrides()
     if "accelerator_config" in hardware:  # merge with the recipe's, rather than replace it
         hardware["accelerator_config"] = {**(train.get("accelerator_config") or {}), **hardware["accelerator_config"]}
     kwargs = {
@@ -105,6 +78,7 @@ def build_trainer(recipe: Recipe, args: Any, tokenizer: Any, data: Prepared, mod
     )
     fast_head.install(trainer)  # CPU: trl's fused head scores every position and attends across the flat batch
     seqpar.install(trainer, recipe)  # sequence parallelism: the loss and resume that single training has
+    distributed.install_callbacks(trainer)
     return trainer
 
 
@@ -131,7 +105,7 @@ def run_training(recipe: Recipe, resume: bool = True, overwrite: bool = False) -
     resume_from = checkpoint.prepare_output_dir(recipe, args, resume=resume, overwrite=overwrite)
 
     trainer = build_trainer(recipe, args, tokenizer, data, model)
-    state = distributed.check_state(trainer)
+    state = distributed.verified_state(trainer)
     if trainer.is_world_process_zero():
         print(f"sftdist: {json.dumps(state)}", flush=True)
 
@@ -141,7 +115,7 @@ def run_training(recipe: Recipe, resume: bool = True, overwrite: bool = False) -
         if trainer.is_world_process_zero():
             print(f"sftdist: stopped by a signal at step {trainer.state.global_step} after saving a "
                   "checkpoint; run the same command again to resume", flush=True)
-        raise SystemExit(checkpoint.EXIT_PREEMPTED)
+        raise SystemExit(EXIT_PREEMPTED)
     metrics = {**result.metrics, "wall_seconds": time.perf_counter() - start}
     if data.eval is not None:
         metrics.update(trainer.evaluate())
@@ -151,7 +125,7 @@ def run_training(recipe: Recipe, resume: bool = True, overwrite: bool = False) -
     if trainer.is_world_process_zero():
         trainer.save_state()
         info = {"distributed": state, "metrics": metrics, "final_dir": str(final)}
-        checkpoint.write_json_atomic(Path(recipe.output_dir) / RUN_INFO, info)
+        write_json_atomic(Path(recipe.output_dir) / RUN_INFO, info)
         print(f"sftdist: saved {final}", flush=True)
     if run_lock is not None:
         run_lock.release()

@@ -16,11 +16,11 @@ import pytest
 import yaml
 
 from conftest import REPO, copy_run, run_cli
-from sftdist import checkpoint
-from sftdist.checkpoint import COMPLETE_MARKER, EXIT_PREEMPTED, MANIFEST
-from sftdist.errors import UserError
+from sftdist import checkpoint, rundir
+from sftdist.errors import EXIT_PREEMPTED, UserError
 from sftdist.lock import LOCK_FILE
 from sftdist.recipe import load_recipe
+from sftdist.rundir import COMPLETE_MARKER, MANIFEST
 
 DEMO = REPO / "sftdist" / "demo" / "train.jsonl"
 
@@ -88,7 +88,7 @@ def test_resume_reproduces_losses_exactly(tmp_path, uninterrupted):
     assert f"warning: {copy / 'checkpoint-6'}: optimizer.pt has 1000 bytes, " in proc.stderr
     assert f"resuming from {copy / 'checkpoint-3'}" in proc.stdout
     assert losses(copy) == losses(run)  # exactly equal on CPU
-    assert checkpoint.verify_checkpoint(copy / "checkpoint-6") is None  # written again, whole
+    assert rundir.check_manifest(copy / "checkpoint-6") is None  # written again, whole
 
 
 def test_damaged_checkpoints_fall_back_and_none_left_is_one_line(tmp_path, uninterrupted):
@@ -189,10 +189,10 @@ def test_export_full_checkpoint_matches_weights(tmp_path, uninterrupted):
     saved = {}
     for shard in (run / "checkpoint-6").glob("model-*.safetensors"):
         saved.update(load_file(str(shard)))
-    assert saved
-    for name, tensor in model.state_dict().items():
-        if name in saved:
-            assert torch.equal(tensor, saved[name]), name
+    state = model.state_dict()
+    assert state.keys() == saved.keys()  # every tensor exported, none missing or extra
+    for name, tensor in state.items():
+        assert torch.equal(tensor, saved[name]), name
     tok = AutoTokenizer.from_pretrained(out)
     assert model.generation_config.eos_token_id == tok.eos_token_id
     assert tok.chat_template

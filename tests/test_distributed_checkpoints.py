@@ -20,7 +20,7 @@ import yaml
 
 from conftest import copy_run, run_cli
 from launched import LOSS_ATOL, STEPS, WEIGHT_ATOL, final_weights, history, launch, trained
-from sftdist.checkpoint import COMPLETE_MARKER
+from sftdist.rundir import COMPLETE_MARKER
 from sftdist.export import checkpoint_kind, consolidated_state_dict
 
 

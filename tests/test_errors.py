@@ -24,7 +24,8 @@ import pytest
 import yaml
 
 from conftest import GPT2_TINY, REPO, run_cli
-from sftdist.checkpoint import COMPLETE_MARKER, EXIT_PREEMPTED
+from sftdist.errors import EXIT_PREEMPTED
+from sftdist.rundir import COMPLETE_MARKER
 
 GOOD = {"instruction": "Say hi.", "context": "", "response": "Hi."}
 LONG = {"instruction": "Count.", "context": "", "response": " ".join(["one two three four five"] * 20)}
@@ -267,7 +268,7 @@ def c15_unknown_chat_template(d, ctx):
 @case
 def c15_unknown_strategy(d, ctx):
     argv = ["launch", train(d, ctx)[1], "--strategy", "zero4", "--num-processes", "2", "--dry-run"]
-    return argv, ("--strategy zero4", "unknown strategy", "ddp, fsdp2, zero1, zero2, zero3")
+    return argv, ("--strategy zero4", "unknown strategy", "single, ddp, zero1, zero2, fsdp2, zero3, zero3-offload")
 
 
 @case

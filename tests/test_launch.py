@@ -13,7 +13,8 @@ import yaml
 
 from conftest import REPO, run_cli
 from sftdist.errors import UserError
-from sftdist.launcher import STRATEGIES, config_paths, plan_launch
+from sftdist.launcher import build_launch
+from sftdist.strategies import STRATEGIES, config_paths
 
 DS_FILES = sorted((REPO / "deepspeed_configs").glob("*.json"))
 ACC_FILES = sorted((REPO / "accelerate_configs").glob("*.yaml"))
@@ -116,7 +117,7 @@ def test_accelerate_config_passes_accelerates_loader(path):
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "zero1", "zero2", "zero3", "zero3-offload"])
 def test_cpu_plan_is_really_distributed(recipe, strategy):
-    plan = plan_launch(recipe, strategy, num_processes=2, gpus=0)
+    plan = build_launch(recipe, strategy, num_processes=2, gpus=0)
     acc, ds = config_paths(strategy)
     argv = plan.argv
     assert argv[:6] == ["--config_file", str(acc), "--num_processes", "2", "--num_machines", "1"]
@@ -134,20 +135,20 @@ def test_cpu_plan_is_really_distributed(recipe, strategy):
 
 def test_shipped_configs_work_from_any_directory(recipe, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    plan = plan_launch(recipe, "zero3", num_processes=2, gpus=0)
+    plan = build_launch(recipe, "zero3", num_processes=2, gpus=0)
     assert plan.env["ACCELERATE_DEEPSPEED_ZERO_STAGE"] == "3"
 
 
 def test_gpu_plan_uses_every_visible_gpu(recipe):
-    plan = plan_launch(recipe, "zero3", gpus=8)
+    plan = build_launch(recipe, "zero3", gpus=8)
     assert plan.argv[plan.argv.index("--num_processes") + 1] == "8"
     assert "ACCELERATE_USE_CPU" not in plan.env and "--num_cpu_threads_per_process" not in plan.argv
     with pytest.raises(UserError, match="only 8 GPU"):
-        plan_launch(recipe, "ddp", num_processes=9, gpus=8)
+        build_launch(recipe, "ddp", num_processes=9, gpus=8)
 
 
 def test_multi_machine_fields_come_from_flags(recipe):
-    plan = plan_launch(
+    plan = build_launch(
         recipe, "fsdp2", num_processes=4, num_machines=2, machine_rank=1, main_process_ip="10.0.0.1", gpus=4,
         overrides=["train.max_steps=5"], train_flags=["--no-resume"], accelerate_args=["--rdzv_backend", "c10d"],
     )
@@ -175,7 +176,7 @@ def test_multi_machine_fields_come_from_flags(recipe):
 )
 def test_bad_flags_are_user_errors(recipe, kwargs, message):
     with pytest.raises(UserError, match=message):
-        plan_launch(recipe, gpus=0, **kwargs)
+        build_launch(recipe, gpus=0, **kwargs)
 
 
 def test_user_configs_that_fail_silently_on_cpu_are_refused(recipe, tmp_path):
@@ -189,15 +190,15 @@ def test_user_configs_that_fail_silently_on_cpu_are_refused(recipe, tmp_path):
         path = tmp_path / name
         path.write_text(yaml.safe_dump(cfg))
         with pytest.raises(UserError, match=message):
-            plan_launch(recipe, str(path), num_processes=2, gpus=0)
+            build_launch(recipe, str(path), num_processes=2, gpus=0)
     ok = tmp_path / "mine.yaml"
     ok.write_text(yaml.safe_dump({**base, "distributed_type": "MULTI_GPU", "fsdp_config": {}}))
-    plan = plan_launch(recipe, str(ok), num_processes=2, gpus=0)
+    plan = build_launch(recipe, str(ok), num_processes=2, gpus=0)
     assert plan.kind == "ddp" and plan.env["ACCELERATE_USE_CPU"] == "true"
     ds = yaml.safe_load((REPO / "accelerate_configs" / "zero2.yaml").read_text())
     ds["deepspeed_config"]["deepspeed_config_file"] = str(REPO / "deepspeed_configs" / "zero3.json")
     (tmp_path / "ds.yaml").write_text(yaml.safe_dump(ds))
-    plan = plan_launch(recipe, str(tmp_path / "ds.yaml"), num_processes=2, gpus=0)
+    plan = build_launch(recipe, str(tmp_path / "ds.yaml"), num_processes=2, gpus=0)
     assert (plan.kind, plan.env["ACCELERATE_DEEPSPEED_ZERO_STAGE"], plan.env["ACCELERATE_USE_CPU"]) == ("deepspeed", "3", "false")
 
 
@@ -205,7 +206,7 @@ def test_dry_run_prints_the_exact_command_and_starts_nothing(recipe, tmp_path):
     proc = run_cli("launch", recipe, "--strategy", "zero2", "--num-processes", "2", "--set", "train.max_steps=3",
                    "--dry-run", "--", "--rdzv_backend", "c10d")
     assert proc.returncode == 0, proc.stderr
-    plan = plan_launch(recipe, "zero2", num_processes=2, overrides=["train.max_steps=3"],
+    plan = build_launch(recipe, "zero2", num_processes=2, overrides=["train.max_steps=3"],
                        accelerate_args=["--rdzv_backend", "c10d"])
     assert proc.stdout.strip() == plan.render()
     words = shlex.split(proc.stdout)

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from sftdist.errors import UserError
-from sftdist.recipe import Recipe, check_train_keys, load_recipe, recipe_from_dict
+from sftdist.recipe import Recipe, load_recipe, recipe_from_dict, typed_train
 
 MINIMAL = {"model": {"name_or_path": "some/model"}, "data": {"train": [{"path": "d.jsonl"}]}}
 
@@ -165,12 +165,13 @@ def test_file_level_errors(tmp_path):
 
 
 def test_train_keys_are_checked_against_sftconfig(tmp_path):
-    def check(train: dict) -> Recipe:
+    def check(train: dict) -> dict:
         r = load_recipe(write(tmp_path, with_(train=train)))
-        check_train_keys(r)
-        return r
+        typed = typed_train(r)
+        assert r.train == train  # the recipe itself is left as written
+        return typed
 
-    assert check({"learning_rate": "2e-5", "max_steps": 3}).train == {"learning_rate": 2e-5, "max_steps": 3}
+    assert check({"learning_rate": "2e-5", "max_steps": 3}) == {"learning_rate": 2e-5, "max_steps": 3}
     src = str(tmp_path / "recipe.yaml")
     for train, words in [
         ({"learning_rat": 1e-3}, [src, "unknown recipe key 'train.learning_rat'", "did you mean 'learning_rate'?"]),
@@ -186,10 +187,10 @@ def test_train_keys_are_checked_against_sftconfig(tmp_path):
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml")))
 def test_shipped_recipes_load_and_their_train_keys_are_valid(path):
-    from sftdist.recipe import check_train_keys, load_recipe
+    from sftdist.recipe import load_recipe, typed_train
 
     recipe = load_recipe(path)
-    check_train_keys(recipe)
+    typed_train(recipe)
     assert recipe.output_dir.startswith("runs/")
 
 

@@ -20,9 +20,9 @@ import yaml
 
 from conftest import REPO, run_cli
 from sftdist import checkpoint, lock
-from sftdist.checkpoint import COMPLETE_MARKER, EXIT_PREEMPTED
-from sftdist.errors import UserError
-from sftdist.recipe import RECIPE_FILE, recipe_from_dict
+from sftdist.errors import EXIT_PREEMPTED, UserError
+from sftdist.recipe import recipe_from_dict
+from sftdist.rundir import COMPLETE_MARKER, MANIFEST, RECIPE_FILE
 
 DEMO = REPO / "sftdist" / "demo" / "train.jsonl"
 
@@ -179,5 +179,5 @@ def test_full_disk_during_a_checkpoint_is_one_line_and_nothing_is_complete(tmp_p
     assert str(e.value).startswith(f"{out / 'checkpoint-3'}: no space left on device while saving")
     assert "\n" not in str(e.value)
     assert (out / "checkpoint-3" / "optimizer.pt").is_file()  # it got that far ...
-    assert not list(out.rglob(COMPLETE_MARKER)) and not list(out.rglob(checkpoint.MANIFEST))  # ... unmarked
+    assert not list(out.rglob(COMPLETE_MARKER)) and not list(out.rglob(MANIFEST))  # ... unmarked
     assert checkpoint.complete_checkpoints(out) == [] and not (out / "final").exists()

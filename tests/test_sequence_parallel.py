@@ -27,7 +27,7 @@ import yaml
 from conftest import copy_run, run_cli
 from launched import LOSS_ATOL, STEPS, WEIGHT_ATOL, final_weights, history
 from sftdist.errors import UserError
-from sftdist.launcher import plan_launch
+from sftdist.launcher import build_launch
 from sftdist.recipe import load_recipe
 
 WORDS = "apple kite owl rain goat door ink cat milk dog hat moon bird lamp nest".split()
@@ -130,12 +130,12 @@ def test_launches_that_cannot_share_samples_are_refused_before_starting(tmp_path
     recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "model", tmp_path / "d.jsonl", tmp_path / "run",
                           sequence_parallel=2, packing=packing)
     with pytest.raises(UserError) as e:
-        plan_launch(str(recipe), strategy, num_processes=procs if strategy != "single" else None, gpus=0)
+        build_launch(str(recipe), strategy, num_processes=procs if strategy != "single" else None, gpus=0)
     assert words in str(e.value) and str(e.value).startswith(f"{recipe}: sequence_parallel: 2")
     # The same recipe with sequence_parallel 1 is a valid launch.
     raw = yaml.safe_load(recipe.read_text())
     recipe.write_text(yaml.safe_dump({**raw, "sequence_parallel": 1, "data": {**raw["data"], "packing": False}}))
-    plan_launch(str(recipe), strategy, num_processes=procs if strategy != "single" else None, gpus=0)
+    build_launch(str(recipe), strategy, num_processes=procs if strategy != "single" else None, gpus=0)
 
 
 def test_sequence_parallel_key(tmp_path):

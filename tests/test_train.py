@@ -85,8 +85,14 @@ def test_method_learns_and_saves_loadable_model(tmp_path, tiny_model, method):
             prompt = torch.tensor([tok("### Instruction:\nRepeat the words.")["input_ids"]])
             kw = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": tok.pad_token_id}
             assert torch.equal(merged.generate(prompt, **kw), model.generate(input_ids=prompt, **kw))
-    out = model.generate(torch.tensor([[tok.bos_token_id]]), max_new_tokens=3, do_sample=False)
-    assert out.shape[1] >= 2
+    # What was saved is the trained model: its logits differ from the base's, and it generates.
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    ids = torch.tensor([tok("### Instruction:\nRepeat the words.\n\n### Response:\n")["input_ids"]])
+    with torch.no_grad():
+        moved = (model(input_ids=ids).logits[..., : base.config.vocab_size] - base(ids).logits).abs().max().item()
+    assert moved > 1e-2, moved
+    out = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.shape[0] == 1 and ids.shape[1] < out.shape[1] <= ids.shape[1] + 3
 
 
 def test_dolly_fixture_on_gpt2_layout(tmp_path):
@@ -122,5 +128,20 @@ def test_chat_data_with_fallback_template_lora_on_gpt2(tmp_path):
     run = Path(train_ok(recipe))
     from transformers import AutoTokenizer
 
+    from sftdist.data.pipeline import prepare
+    from sftdist.model import load_tokenizer
+    from sftdist.recipe import load_recipe
+
     tok = AutoTokenizer.from_pretrained(run / "final")
     assert "<|im_start|>" in tok.chat_template  # saved, so generation renders prompts the same way
+    # The rows it trained on (the cache entry): loss on exactly each assistant answer and its EOS (and the
+    # newline that ends the turn: prefix rendering takes the turn whole, up to the next one).
+    loaded = load_recipe(recipe)
+    rows = prepare(loaded, lambda: load_tokenizer(loaded), progress=False).train
+    eos = tok.eos_token
+    for row in rows:
+        text = tok.decode(row["input_ids"])
+        answers = [turn.split(eos)[0] + eos + "\n" for turn in text.split("<|im_start|>assistant\n")[1:]]
+        trained = tok.decode([t for t, label in zip(row["input_ids"], row["labels"]) if label != -100])
+        assert answers and trained == "".join(answers), (trained, text)
+        assert all(a[: -len(eos) - 1] in ("red", "green", "blue", "black") for a in answers), answers

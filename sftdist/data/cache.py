@@ -6,15 +6,15 @@ after every requeue, and keeps it in each rank's memory; ranks that wait on a co
 time out. Here the entry is keyed by everything that changes the tokens (`fingerprint`), so the
 same inputs give the same entry and any change gives a new one.
 
-Who builds: local rank 0 of each node, under an exclusive `fcntl` lock on `<entry>.lock` in the
+Who builds: local rank 0 of each node, under an exclusive lock (lock.py) on `<entry>.lock` in the
 cache directory. On a node-local cache each node builds its own entry; on a shared file system the
 first node to take the lock builds and the others find the entry complete when they get the lock.
 The other ranks never build: they poll for the finished entry (files, not a collective, so no
 timeout while a large mixture is tokenized) and then memory-map it.
 
-An entry is built in a hidden temporary directory and made visible by one `rename`, so a build
-killed midway leaves nothing that looks complete; its manifest (file names and sizes) is checked
-on every read, and an entry that fails the check is rebuilt with a warning, never used.
+An entry is built in a hidden sibling directory and made visible by one `rename` (rundir.py), so a
+build killed midway leaves nothing that looks complete; its manifest (file names and sizes) is
+checked on every read, and an entry that fails the check is rebuilt with a warning, never used.
 """
 
 from __future__ import annotations
@@ -24,8 +24,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,27 +31,14 @@ from typing import Any, Callable
 
 import click
 
+from sftdist import lock, rundir
 from sftdist.errors import UserError
 from sftdist.recipe import Recipe
 
 # Bump when the encoding, packing or report code changes what an entry holds.
-ENCODING_VERSION = 1
-MANIFEST = "manifest.json"
+ENCODING_VERSION = 2
+INPUTS_FILE = "inputs.json"  # the fingerprint inputs, for a person wondering why an entry was built
 CACHE_ENV = "SFTDIST_CACHE"
-# Tokenizer files that decide the tokens (and the generation config's EOS ids, which the encoder checks).
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "tokenizer.model",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-)
 # `data:` keys that change no token: they are left out of the fingerprint.
 NOT_FINGERPRINTED = ("num_proc", "cache_dir")
 
@@ -100,7 +85,7 @@ def _tokenizer_identity(recipe: Recipe, load_tokenizer: Callable[[], Any]) -> st
     h = hashlib.sha256()
     model = Path(recipe.model.name_or_path).expanduser()
     if model.is_dir():
-        for name in TOKENIZER_FILES:
+        for name in rundir.TOKENIZER_FILES:
             if (model / name).is_file():
                 h.update(name.encode())
                 _hash_file(h, model / name)
@@ -122,12 +107,10 @@ def fingerprint_inputs(recipe: Recipe, load_tokenizer: Callable[[], Any]) -> dic
     for role in ("train", "eval"):
         for src in data[role]:
             src["identity"] = _source_identity(src["path"])
-    from sftdist.data.pipeline import shuffled
-
     return {
         "version": ENCODING_VERSION,
         "data": data,
-        "shuffle_dataset": shuffled(recipe),
+        "shuffle_dataset": recipe.shuffle_dataset,
         "tokenizer": _tokenizer_identity(recipe, load_tokenizer),
         "pad_token": PAD_TOKEN,
     }
@@ -140,16 +123,7 @@ def digest(inputs: dict[str, Any]) -> str:
 
 def verify(entry: Path) -> bool:
     """True if `entry` holds every file its manifest lists, at the listed size."""
-    try:
-        manifest = json.loads((entry / MANIFEST).read_text(encoding="utf-8"))
-        return all((entry / name).stat().st_size == size for name, size in manifest["files"].items())
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-
-
-def _write_manifest(tmp: Path, inputs: dict[str, Any]) -> None:
-    files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir()) if f.is_file()}
-    (tmp / MANIFEST).write_text(json.dumps({"files": files, "inputs": inputs}, indent=2, default=str), encoding="utf-8")
+    return entry.is_dir() and rundir.check_manifest(entry) is None
 
 
 # The errors that mean "this cache directory cannot take the entry" rather than a bug.
@@ -174,32 +148,10 @@ def _user_error_if_unwritable(e: OSError, root: Path) -> Exception:
     )
 
 
-def _build(entry: Path, inputs: dict[str, Any], build: Callable[[Path], None]) -> None:
-    """Build into a hidden sibling directory and rename it into place; remove it on any failure."""
-    tmp = entry.with_name(f".{entry.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-    for stale in entry.parent.glob(f".{entry.name}.tmp-*"):  # left by a killed build (we hold the lock)
-        shutil.rmtree(stale, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
-        build(tmp)
-        _write_manifest(tmp, inputs)
-        if entry.exists():  # a corrupt entry, or --force
-            shutil.rmtree(entry)
-        os.rename(tmp, entry)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise _user_error_if_unwritable(e, entry.parent) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def ensure_entry(
     recipe: Recipe, load_tokenizer: Callable[[], Any], build: Callable[[Path], None], force: bool = False
 ) -> Entry:
     """The verified entry for `recipe`'s data: found, built here (local rank 0), or waited for."""
-    import fcntl
-
     root = cache_root(recipe)
     inputs = fingerprint_inputs(recipe, load_tokenizer)
     fp = digest(inputs)
@@ -210,16 +162,18 @@ def ensure_entry(
         return Entry(_wait_for(entry), "waited")
     try:
         root.mkdir(parents=True, exist_ok=True)
-        lock = open(root / f"{fp}.lock", "a")
+        with lock.exclusive(root / f"{fp}.lock"):
+            if not force and verify(entry):
+                return Entry(entry, "hit")  # another node built it while we waited for the lock
+            if entry.exists() and not force:
+                click.echo(f"warning: data cache entry {entry} is incomplete or corrupt; rebuilding it", err=True)
+            rundir.remove_stale_partials(root)  # builds killed midway, of this entry or of any other
+            with rundir.build_beside(entry, replace=True) as tmp:
+                build(tmp)
+                (tmp / INPUTS_FILE).write_text(json.dumps(inputs, indent=2, default=str), encoding="utf-8")
+                rundir.write_manifest(tmp)
     except OSError as e:
         raise _user_error_if_unwritable(e, root) from None
-    with lock:
-        fcntl.lockf(lock, fcntl.LOCK_EX)  # released when the process ends, however it ends
-        if not force and verify(entry):
-            return Entry(entry, "hit")  # another node built it while we waited for the lock
-        if entry.exists() and not force:
-            click.echo(f"warning: data cache entry {entry} is incomplete or corrupt; rebuilding it", err=True)
-        _build(entry, inputs, build)
     return Entry(entry, "built")
 
 

@@ -23,11 +23,10 @@ from sftdist.data.formats import Example
 from sftdist.data.templates import CHAT_TEMPLATES, training_families, training_template
 from sftdist.errors import UserError
 
-CHAT_TEMPLATE_CHOICES = ("auto", *CHAT_TEMPLATES)
 FIX = "set data.chat_template to one that does (a model family such as qwen2_5, or a .jinja file)"
 
 # (tokenizer, chat template) -> (template whose markers give the mask, or None for prefix rendering; its name)
-_PLANS: dict[tuple[str, str], tuple[str | None, str]] = {}
+_MASK_TEMPLATES: dict[tuple[str, str], tuple[str | None, str]] = {}
 
 
 def set_chat_template(tokenizer: Any, setting: str | None, where: str) -> None:
@@ -60,20 +59,20 @@ def mask_template(tokenizer: Any) -> tuple[str | None, str]:
 
     tpl = _template(tokenizer)
     key = (tokenizer.name_or_path, tpl)
-    if key in _PLANS:
-        return _PLANS[key]
+    if key in _MASK_TEMPLATES:
+        return _MASK_TEMPLATES[key]
     own = f"the chat template of {tokenizer.name_or_path or 'the tokenizer'}"
     if has_generation_markers(tpl):
-        plan: tuple[str | None, str] = (tpl, own)
+        found: tuple[str | None, str] = (tpl, own)
     else:
         try:
             training = get_training_chat_template(tokenizer)
         except (ValueError, TypeError, TemplateError):
             training = None  # not a family trl knows: prefix rendering
         family = next((f for f in training_families() if training and training_template(f) == training), None)
-        plan = (training, f"trl's {family} training template") if training else (None, own)
-    _PLANS[key] = plan
-    return plan
+        found = (training, f"trl's {family} training template") if training else (None, own)
+    _MASK_TEMPLATES[key] = found
+    return found
 
 
 def _render(tokenizer: Any, ex: Example, n: int, tpl: str | None, gen_prompt: bool = False) -> str:

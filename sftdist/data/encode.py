@@ -1,10 +1,11 @@
 """Rendered examples -> `input_ids` + `completion_mask`, the pre-tokenized form trl packs and masks.
 
 Gap filled: trl builds completion masks only for prompt/completion rows and assistant masks only
-for chat templates that carry `{% generation %}` markers (most do not). Here both come from one
-rule: a token carries loss if it lies in the completion, or in an assistant turn found by rendering
-the conversation prefix by prefix (works with any prefix-stable chat template). Every sample must
-end its loss region with a stop token (EOS), and BOS appears at most once.
+for chat templates that carry `{% generation %}` markers (most do not). Here a token carries loss
+if it lies in the completion (instruction rows), in the whole text (text rows), or in an assistant
+turn that carries loss (chat rows; data/chat.py finds those turns: `{% generation %}` markers, then
+trl's training template of the model family, then rendering the conversation prefix by prefix).
+Every sample must end its loss region with a stop token (EOS), and BOS appears at most once.
 """
 
 from __future__ import annotations

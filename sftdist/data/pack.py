@@ -2,9 +2,10 @@
 pack -> cache).
 
 trl's best-fit-decreasing packer does the work; what we add is when it runs. trl packs inside
-`SFTTrainer.__init__`, in every rank, on every start. Here it runs once, on the seeded shuffle of
-the samples, so the packed rows depend only on the data and the seed, never on how many
-processes read them, and a resume at another world size sees the same rows.
+`SFTTrainer.__init__`, in every rank, on every start. Here it runs once, on the samples in the order
+data/pipeline.py gives them (file order, or shuffled with `data.seed` when asked), so the packed
+rows depend only on the data and the seed, never on how many processes read them, and a resume at
+another world size sees the same rows.
 """
 
 from __future__ import annotations

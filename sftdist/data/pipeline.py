@@ -72,9 +72,9 @@ class DataReport:
         return cls(**raw)
 
 
-def make_encoder(recipe: Recipe, tokenizer: Any, generation_config: Any = None) -> Encoder:
+def make_encoder(recipe: Recipe, tokenizer: Any) -> Encoder:
     d = recipe.data
-    return Encoder(tokenizer, d.max_length, d.loss_on, d.truncate, stop_token_ids(tokenizer, generation_config))
+    return Encoder(tokenizer, d.max_length, d.loss_on, d.truncate, stop_token_ids(tokenizer))
 
 
 def _warn_dropped(report: SourceReport) -> None:
@@ -224,11 +224,6 @@ def _encode_source(
     return report
 
 
-def shuffled(recipe: Recipe) -> bool:
-    """trl's `shuffle_dataset` (before packing), which its skipped preparation no longer applies."""
-    return bool(recipe.train.get("shuffle_dataset", False))
-
-
 def weighted_indices(n: int, weight: float, seed: int) -> Any:
     """Mix by weight: 0.5 keeps a random half of a source's n samples, 2.0 repeats them twice, 1.5
     once and a half (an index array, so that no sample is copied before it is written)."""
@@ -283,7 +278,7 @@ def build(recipe: Recipe, tokenizer: Any, out: Path, progress: bool = True) -> D
         )
 
     train_ds, train_idx = join("train")
-    if d.eval_fraction > 0 or shuffled(recipe):
+    if d.eval_fraction > 0 or recipe.shuffle_dataset:
         train_idx = train_idx[np.random.default_rng(d.seed).permutation(len(train_idx))]
     eval_ds, eval_idx = join("eval") if parts["eval"] else (None, np.zeros(0, dtype=np.int64))
     if d.eval_fraction > 0:

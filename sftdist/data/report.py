@@ -50,7 +50,7 @@ def summarize(recipe: Recipe, data: Prepared) -> list[str]:
     for r in rep.sources:
         lines += _source_lines(r)
     lengths = sample_lengths(data.train_table()).tolist()
-    batch = int(recipe.train.get("per_device_train_batch_size", 8))
+    batch = recipe.per_device_batch
     pad = padding_efficiency(lengths, batch, recipe.data.seed)
     lines += [
         "total",
@@ -71,7 +71,7 @@ def summarize(recipe: Recipe, data: Prepared) -> list[str]:
     return lines
 
 
-def load(recipe: Recipe, force: bool = False, progress: bool = True) -> Prepared:
+def _prepared(recipe: Recipe, force: bool = False, progress: bool = True) -> Prepared:
     """The recipe's prepared data; the tokenizer is loaded only if the entry must be built."""
     from sftdist.model import load_tokenizer
 
@@ -80,14 +80,11 @@ def load(recipe: Recipe, force: bool = False, progress: bool = True) -> Prepared
 
 def report_data(recipe: Recipe, force: bool = False) -> None:
     """Print the per-source and total report (building the cache entry if needed)."""
-    click.echo("\n".join(summarize(recipe, load(recipe, force))))
+    click.echo("\n".join(summarize(recipe, _prepared(recipe, force))))
 
 
 def check_data(recipe: Recipe) -> None:
     """Run every data check (tokenizer only, no model); exit 0 with one line when all pass."""
-    from sftdist.preflight import check_recipe
-
-    check_recipe(recipe)  # the settings `train` checks before writing (config.json only, no weights)
-    data = load(recipe, progress=False)
+    data = _prepared(recipe, progress=False)
     kept = sum(r.kept for r in data.report.sources)
     click.echo(f"ok: {len(data.report.sources)} sources, {kept} samples pass every check")
