@@ -12,7 +12,6 @@ process starts and again in every rank; and the loss, whose gradient and token w
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -70,10 +69,10 @@ def training_overrides(recipe: Recipe) -> dict[str, Any]:
     from accelerate.parallelism_config import ParallelismConfig
     from accelerate.utils import DeepSpeedSequenceParallelConfig
 
-    from sftdist.distributed import launched_type
+    from sftdist.distributed import launched_type, world_size
     from sftdist.model import resolve_attention
 
-    launched, world = launched_type(), int(os.environ.get("WORLD_SIZE", "1"))
+    launched, world = launched_type(), world_size()
     check(recipe, launched.lower() if launched else None, world)
     # DeepSpeed's dataloader adapter all-gathers every rank's batch, then cuts each into N equal slices: the
     # length must be a multiple of N, and gloo cannot all-gather tensors of different lengths, so every batch is

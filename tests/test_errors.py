@@ -360,6 +360,66 @@ def c24_max_length_above_context_data_check(d, ctx):
     return data_check(d, ctx, [GOOD], data={"max_length": 4096}), ("recipe.yaml", "data.max_length=4096", "2048 tokens")
 
 
+# --- values that make no sense, and settings that used to fail after output_dir was written (a trap: the
+# corrected rerun was then refused as another recipe's run). Checked before anything is written. -------------
+@case
+def c26_batch_size_zero(d, ctx):
+    return train(d, ctx, train={"per_device_train_batch_size": 0}), (
+        "recipe.yaml", "train.per_device_train_batch_size is 0", "positive integer")
+
+
+@case
+def c26_zero_epochs(d, ctx):
+    return train(d, ctx, train={"max_steps": -1, "num_train_epochs": 0}), (
+        "recipe.yaml", "train.num_train_epochs is 0", "positive number (or set train.max_steps)")
+
+
+@case
+def c26_save_total_limit_zero(d, ctx):
+    return train(d, ctx, train={"save_total_limit": 0}), ("train.save_total_limit is 0", "null: keep every checkpoint")
+
+
+@case
+def c26_negative_limit(d, ctx):
+    src = jsonl(d / "data.jsonl", [GOOD, GOOD])
+    return ["train", recipe(d, ctx.tiny, [{"path": str(src), "limit": -1}])], (
+        "recipe.yaml", "data.train[0].limit is -1", "positive number of rows (null: every row)")
+
+
+@case
+def c26_lora_alpha_zero(d, ctx):
+    return train(d, ctx, method="lora", lora={"alpha": 0}), ("recipe.yaml", "lora.alpha is 0", "positive number")
+
+
+@case
+def c26_eval_strategy_without_eval_data(d, ctx):
+    return train(d, ctx, train={"eval_strategy": "steps"}), (
+        "recipe.yaml", "train.eval_strategy is steps", "no eval data", "data.eval_fraction")
+
+
+@case
+def c26_report_to_not_installed(d, ctx):
+    return train(d, ctx, train={"report_to": ["wandb"]}), ("recipe.yaml", "train.report_to names wandb", "not installed")
+
+
+@case
+def c26_sequence_parallel_not_dividing_heads(d, ctx):
+    return data_check(d, ctx, [GOOD], sequence_parallel=3), (
+        "recipe.yaml", "sequence_parallel 3 does not divide the 4 attention heads", "use one of 2, 4")
+
+
+@case
+def c26_data_cache_inside_output_dir(d, ctx):
+    return train(d, ctx, data={"cache_dir": str(d / "run" / "cache")}), (
+        "recipe.yaml", "the data cache", "is inside output_dir", "outside output_dir")
+
+
+@case
+def c26_global_batch_and_accumulation(d, ctx):
+    return train(d, ctx, global_batch_size=4, train={"gradient_accumulation_steps": 2}), (
+        "recipe.yaml", "global_batch_size and train.gradient_accumulation_steps are both set")
+
+
 # --- flags, range-checked by the CLI before any work ----------------------------------------------------
 @case
 def c25_generate_temperature_zero(d, ctx):
