@@ -304,6 +304,7 @@ def make_trainer_class(base: type, max_shard_size: str) -> type:
             self.accelerator.wait_for_everyone()
             if self.args.should_save:
                 with _disk_full_is_user_error(ckpt):
+                    rundir.copy_run_files(run_dir, ckpt)
                     rundir.write_manifest(ckpt)
                     write_json_atomic(ckpt / COMPLETE_MARKER, {"global_step": self.state.global_step})
                 _rotate(run_dir, limit)
@@ -387,5 +388,5 @@ def save_final(trainer: Any, recipe: Recipe, final: Path) -> None:
             if not has_weights(tmp):
                 raise RuntimeError(f"saving the final model wrote no weights into {tmp}; refusing an empty model")
             with _disk_full_is_user_error(tmp):
-                write_text_atomic(tmp / RECIPE_FILE, recipe_yaml(recipe))
+                rundir.copy_run_files(Path(recipe.output_dir), tmp)
     trainer.accelerator.wait_for_everyone()

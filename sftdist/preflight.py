@@ -9,7 +9,7 @@ model is read from config.json and, for LoRA, built on the meta device: no weigh
 from __future__ import annotations
 
 from sftdist.errors import UserError
-from sftdist.model import check_context, load_config, meta_model, with_lora
+from sftdist.model import check_context, load_config, meta_model, resolve_attention, with_lora
 from sftdist.recipe import Recipe, typed_train
 from sftdist.units import parse_size
 
@@ -49,8 +49,10 @@ def check_values(recipe: Recipe) -> None:
 
 
 def check_recipe(recipe: Recipe) -> None:
-    """All checks: values, the model's context, and that LoRA's target_modules match some layer."""
+    """All checks: values, the model's context, the attention implementation, and that LoRA's
+    target_modules match some layer."""
     check_values(recipe)
     check_context(recipe, load_config(recipe))
+    resolve_attention(recipe)
     if recipe.method in ("lora", "qlora"):
         with_lora(meta_model(recipe)[1], recipe)  # peft's own matching, on the meta device

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sftdist import checkpoint, distributed, fast_head, preflight, seqpar
+from sftdist import checkpoint, distributed, fast_head, preflight, prompt_style, seqpar
 from sftdist.errors import EXIT_PREEMPTED, UserError
 from sftdist.recipe import Recipe, train_kwargs, typed_train
 from sftdist.rundir import FINAL_DIR, RUN_INFO, write_json_atomic
@@ -103,6 +103,7 @@ def run_training(recipe: Recipe, resume: bool = True, overwrite: bool = False) -
     data = prepare(recipe, lambda: tokenizer)
     model = load_model(recipe, tokenizer)
     resume_from = checkpoint.prepare_output_dir(recipe, args, resume=resume, overwrite=overwrite)
+    prompt_style.record(recipe, args)  # how generation renders prompts; every checkpoint and final/ carry it
 
     trainer = build_trainer(recipe, args, tokenizer, data, model)
     state = distributed.verified_state(trainer)
