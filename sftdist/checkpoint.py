@@ -29,7 +29,7 @@ from typing import Any
 import click
 import yaml
 
-from sftdist import distributed, lock, preemption, rundir
+from sftdist import distributed, lock, preemption, prompt_style, rundir
 from sftdist.errors import EXIT_PREEMPTED, UserError
 from sftdist.recipe import Recipe, run_identity
 from sftdist.rundir import (
@@ -211,6 +211,7 @@ def claim_output_dir(trainer: Any, recipe: Recipe, claim: Claim) -> str | None:
                     p.unlink()
             out.mkdir(parents=True, exist_ok=True)
             write_text_atomic(out / RECIPE_FILE, recipe_yaml(recipe))
+            prompt_style.record(recipe, args)  # how generation renders prompts; every checkpoint and final/ carry it
             return resuming.to_universal(claim.checkpoint) if claim.moved and deepspeed else None
 
     converted = distributed.rank_zero_only(args, carry_out)
@@ -359,6 +360,7 @@ def make_trainer_class(base: type, max_shard_size: str) -> type:
             self.accelerator.wait_for_everyone()
             if self.args.should_save:
                 with _disk_full_is_user_error(ckpt):
+                    rundir.copy_run_files(run_dir, ckpt)
                     rundir.write_manifest(ckpt)
                     write_json_atomic(ckpt / COMPLETE_MARKER, {"global_step": self.state.global_step,
                                                                **self.sftdist_facts})
@@ -441,5 +443,5 @@ def save_final(trainer: Any, recipe: Recipe, final: Path) -> None:
             if not has_weights(tmp):
                 raise RuntimeError(f"saving the final model wrote no weights into {tmp}; refusing an empty model")
             with _disk_full_is_user_error(tmp):
-                write_text_atomic(tmp / RECIPE_FILE, recipe_yaml(recipe))
+                rundir.copy_run_files(Path(recipe.output_dir), tmp)
     trainer.accelerator.wait_for_everyone()

@@ -19,6 +19,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from sftdist.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
 from sftdist.recipe import Recipe, accumulation
 from sftdist.strategies import config_paths, deepspeed_stage
@@ -58,6 +60,17 @@ def config_kind(path: Path, on_cpu: bool, ds_file: Path | None = None) -> tuple[
     """
     from accelerate.commands.config.config_args import load_config_from_file
 
+    # accelerate's loader assumes a mapping: invalid YAML, a list or an empty file end in its traceback.
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        where = getattr(e, "problem_mark", None)
+        line = f"line {where.line + 1}: " if where is not None else ""
+        why = getattr(e, "problem", None) or getattr(e, "strerror", None) or str(e).splitlines()[0]
+        raise UserError(f"{path}: not a readable YAML accelerate config ({line}{why})") from None
+    if not isinstance(raw, dict):
+        found = "an empty file" if raw is None else f"a {type(raw).__name__}"
+        raise UserError(f"{path}: expected a mapping of accelerate config keys (distributed_type: ...), found {found}")
     try:
         cfg = load_config_from_file(str(path))
     except (ValueError, TypeError, KeyError) as e:

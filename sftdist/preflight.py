@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from sftdist.errors import UserError
-from sftdist.model import check_context, load_config, meta_model, with_lora
+from sftdist.model import check_context, load_config, meta_model, resolve_attention, with_lora
 from sftdist.recipe import Recipe, train_kwargs, typed_train
 from sftdist.units import parse_size
 
@@ -149,10 +149,12 @@ def check_sequence_parallel(recipe: Recipe, config: Any) -> None:
 
 
 def check_recipe(recipe: Recipe) -> None:
-    """All checks: values, the model's context, and that LoRA's target_modules match some layer."""
+    """All checks: values, the model's context, the attention implementation, and that LoRA's
+    target_modules match some layer."""
     check_values(recipe)
     config = load_config(recipe)
     check_context(recipe, config)
     check_sequence_parallel(recipe, config)
+    resolve_attention(recipe)
     if recipe.method in ("lora", "qlora"):
         with_lora(meta_model(recipe)[1], recipe)  # peft's own matching, on the meta device

@@ -73,11 +73,12 @@ def decide(recipe, resume: bool = True, overwrite: bool = False):
     return checkpoint.decide(recipe, facts, resume=resume, overwrite=overwrite)
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600):
-    """Run the real `sftdist` CLI in a subprocess (as a user would) and return the CompletedProcess."""
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600, prefix: tuple = ()):
+    """Run the real `sftdist` CLI in a subprocess (as a user would) and return the CompletedProcess;
+    `prefix` is a command that runs it (e.g. `unshare ...` for a mount namespace of its own)."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "sftdist", *args],
+        [*prefix, sys.executable, "-m", "sftdist", *args],
         cwd=cwd or REPO,
         env=full_env,
         capture_output=True,
