@@ -167,17 +167,28 @@ def test_a_build_killed_midway_is_never_used_and_the_next_run_rebuilds(tmp_path,
     assert verify(entry) and "rows: 34400, kept 34400" in again.stdout
 
 
-def test_a_corrupt_entry_is_rebuilt_with_a_warning(tmp_path, tiny_model, demo_rows):
+def _cut(data: bytes) -> bytes:
+    return data[:-100]
+
+
+def _flipped(data: bytes) -> bytes:
+    """The same size, eight bytes of token ids inverted: only a checksum tells."""
+    mid = len(data) // 2
+    return data[:mid] + bytes(255 - b for b in data[mid : mid + 8]) + data[mid + 8 :]
+
+
+@pytest.mark.parametrize("damage, why", [(_cut, "train.arrow has "), (_flipped, "train.arrow does not match its checksum")])
+def test_a_corrupt_entry_is_rebuilt_with_a_warning(tmp_path, tiny_model, demo_rows, damage, why):
     raw = _recipe(tiny_model, demo_rows, tmp_path / "cache")
     first = _prepare(raw)
     entry, good = first.entry, _columns(first.train)
     train = entry / TRAIN_FILE
-    train.write_bytes(train.read_bytes()[:-100])
+    train.write_bytes(damage(train.read_bytes()))
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(raw))
     proc = run_cli("prepare", str(recipe))
     assert proc.returncode == 0, proc.stderr
-    assert f"warning: data cache entry {entry} is incomplete or corrupt; rebuilding it" in proc.stderr
+    assert f"warning: data cache entry {entry} is incomplete or corrupt ({why}" in proc.stderr
     assert "data cache built" in proc.stdout
     assert _columns(_prepare(raw).train) == good
 
@@ -260,3 +271,15 @@ def test_train_shuffle_dataset_shuffles_the_same_samples_with_the_seed(tmp_path,
     in_order, shuffled = rows(), rows(shuffle_dataset=True)
     assert shuffled != in_order and sorted(shuffled) == sorted(in_order)
     assert rows(shuffle_dataset=True) == shuffled  # from data.seed: the same order every time
+
+
+def test_held_out_samples_are_never_trained_on_when_a_weight_repeats_them(tmp_path, tiny_model, demo_rows):
+    """The eval split is drawn from the distinct samples first; the weight then repeats what is left."""
+    raw = _recipe(tiny_model, demo_rows, tmp_path / "cache", packing=False, eval_fraction=0.25)
+    raw["data"]["train"][0]["weight"] = 2.0
+    data = _prepare(raw)
+    train = [tuple(ids) for ids in data.train["input_ids"]]
+    held = [tuple(ids) for ids in data.eval["input_ids"]]
+    assert len(set(train) | set(held)) == 64  # the demo rows are distinct samples
+    assert len(held) == len(set(held)) == 16 and not set(held) & set(train)
+    assert len(train) == 2 * 48 and all(train.count(t) == 2 for t in set(train))
