@@ -283,3 +283,21 @@ def test_held_out_samples_are_never_trained_on_when_a_weight_repeats_them(tmp_pa
     assert len(set(train) | set(held)) == 64  # the demo rows are distinct samples
     assert len(held) == len(set(held)) == 16 and not set(held) & set(train)
     assert len(train) == 2 * 48 and all(train.count(t) == 2 for t in set(train))
+
+
+def test_a_source_whose_every_sample_is_held_out_is_refused_by_name():
+    from sftdist.data.mix import split_and_weight
+    from sftdist.errors import UserError
+
+    outcomes = []
+    for seed in range(8):  # one sample in four is held out: sometimes the one-sample source's
+        try:
+            train, held = split_and_weight([1, 3], [1.0, 2.0], ["a.jsonl", "b.jsonl"], 0.25, False, seed, "r.yaml")
+            outcomes.append((sorted(train.tolist()), held.tolist()))
+        except UserError as e:
+            assert str(e) == ("r.yaml: data.eval_fraction=0.25 holds out all 1 samples of a.jsonl, leaving none to "
+                              "train on; lower it or add data")
+            outcomes.append(None)
+    assert None in outcomes
+    for train, held in filter(None, outcomes):  # b's samples twice, the held-out one never
+        assert len(held) == 1 and held[0] not in train and train == sorted([0] + [i for i in (1, 2, 3) if i != held[0]] * 2)

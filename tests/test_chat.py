@@ -185,7 +185,11 @@ def test_per_turn_loss_weight_and_train_flags(tok):
 
 @pytest.mark.parametrize("turn, message", [
     ({"role": "assistant", "content": "a", "loss_weight": 0.5}, "loss_weight is 0.5; only 0 or 1 is supported"),
+    ({"role": "assistant", "content": "a", "weight": 2}, "weight is 2; only 0 or 1 is supported"),
+    ({"role": "assistant", "content": "a", "weight": 0, "train": True}, r"has loss flags that disagree \(weight: 0, train: True\)"),
     ({"role": "user", "content": "a", "train": True}, "is a user turn marked to carry loss; only assistant turns can"),
+    ({"role": "user", "content": [{"type": "reasoning", "value": "hm"}]},
+     r"content\[0\] is a reasoning part in a user turn; only assistant turns hold reasoning"),
 ])
 def test_per_turn_loss_refusals(turn, message):
     row = {"messages": [turn, {"role": "assistant", "content": "b"}]}
