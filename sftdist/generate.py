@@ -80,10 +80,12 @@ def load_for_generation(model_dir: str) -> tuple[Any, Any]:
 
 
 def read_prompts(path: str | None, prompts: list[str], style: PromptStyle, tokenizer: Any) -> list[Prompt]:
-    """Prompts from --prompt, a text file (one instruction per line) or a data file with references."""
+    """Prompts from --prompt, a text file (one instruction per line, UTF-8) or a data file with
+    references; rows of a data file that are skipped (an empty reference) are counted in a warning."""
     from sftdist.data.encode import Encoder, stop_token_ids
     from sftdist.data.formats import render_rows
-    from sftdist.data.load import read_source
+    from sftdist.data.load import read_lines, read_source
+    from sftdist.data.notices import source_warnings
     from sftdist.data.templates import PROMPT_TEMPLATES
     from sftdist.recipe import SourceConfig
 
@@ -105,12 +107,15 @@ def read_prompts(path: str | None, prompts: list[str], style: PromptStyle, token
     if not p.is_file():
         raise UserError(f"{p}: prompts file does not exist")
     if p.suffix not in (".jsonl", ".json", ".parquet", ".csv"):
-        for line in p.read_text(encoding="utf-8").splitlines():
+        for _, line in read_lines(p):
             if line.strip():
                 out.append(Prompt(line.strip(), render(line.strip())))
         return out
     rows = read_source(SourceConfig(path=str(p)))
     rendered = render_rows(rows.rows, rows.labels, "auto", template, rows.where)
+    notes = (rendered.dropped, rendered.changed, rendered.ignored_columns, rendered.ignored_keys)
+    for line in source_warnings(rows.where, len(rows.rows), *notes):
+        click.echo(line, err=True)
     for ex in rendered.examples:
         if ex.kind == "chat":
             history, last = ex.messages[:-1], ex.messages[-1]["content"]

@@ -46,7 +46,7 @@ def detect(recipe: Recipe) -> PromptStyle:
         if fmt == "auto" or fmt in SELECT_FORMATS:
             try:
                 first = next(iter_source(dataclasses.replace(src, limit=1), chunk_rows=1))
-                fmt = render_rows(first.rows, first.labels, src.format, recipe.data.template, first.where, warn=False).format
+                fmt = render_rows(first.rows, first.labels, src.format, recipe.data.template, first.where).format
             except UserError:
                 continue
         formats.append(fmt)

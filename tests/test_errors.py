@@ -98,8 +98,8 @@ def train(d: Path, ctx: Ctx, model: Path | None = None, **extra: Any) -> list[st
     return ["train", recipe(d, model or ctx.tiny, [{"path": str(src)}], **extra)]
 
 
-# name -> builder(case_dir, ctx) -> (argv, words the error line must contain)
-Case = Callable[[Path, Ctx], tuple[list[str], tuple[str, ...]]]
+# name -> builder(case_dir, ctx) -> (argv, words the error line must contain[, environment to add])
+Case = Callable[[Path, Ctx], tuple[Any, ...]]
 CASES: dict[str, Case] = {}
 
 
@@ -193,6 +193,14 @@ def c11_chat_format_without_template(d, ctx):
 
 
 @case
+def c10_template_drops_reasoning(d, ctx):
+    rows = [{"messages": [{"role": "user", "content": "2+2?"},
+                          {"role": "assistant", "content": "4", "reasoning_content": "add them"}]}]
+    return data_check(d, ctx, rows, data={"chat_template": "llama3"}), (
+        "data.jsonl line 1", "does not render reasoning", "'add them' is missing", "data.chat_template")
+
+
+@case
 def c12_eval_fraction_leaves_no_training_rows(d, ctx):
     return data_check(d, ctx, [GOOD], data={"eval_fraction": 0.5}), ("recipe.yaml", "eval_fraction=0.5", "no training rows")
 
@@ -200,6 +208,12 @@ def c12_eval_fraction_leaves_no_training_rows(d, ctx):
 @case
 def c12_eval_fraction_out_of_range(d, ctx):
     return data_check(d, ctx, [GOOD], data={"eval_fraction": 1.0}), ("recipe.yaml", "data.eval_fraction", "0 <= x < 1")
+
+
+@case
+def c12_cache_location_is_a_file(d, ctx):
+    (d / "cache").write_text("not a directory")
+    return data_check(d, ctx, [GOOD]), ("cache", "not a directory", "$SFTDIST_CACHE"), {"SFTDIST_CACHE": str(d / "cache")}
 
 
 # --- recipe and model (13-20) -----------------------------------------------------------------------
@@ -437,6 +451,12 @@ def c25_generate_no_new_tokens(d, ctx):
 
 
 @case
+def c25_generate_prompts_file_not_utf8(d, ctx):
+    (d / "prompts.txt").write_bytes("Say hi.\n".encode() + b"caf\xe9\n")
+    return ["generate", str(ctx.tiny), "--prompts-file", str(d / "prompts.txt")], ("prompts.txt", "line 2", "not UTF-8")
+
+
+@case
 def c25_export_shard_size(d, ctx):
     return ["export", str(ctx.tiny), "--out", str(d / "exported"), "--max-shard-size", "5 gigs"], ("--max-shard-size", "'5 gigs'")
 
@@ -656,16 +676,17 @@ def results(request, tmp_path_factory, tiny_model) -> dict[str, tuple[Any, dict,
     for name in sorted(wanted):
         d = root / name / "case"
         d.mkdir(parents=True)
-        argv, words = CASES[name](d, ctx) if name in CASES else (dropped_rows_run(d, ctx), ())
-        jobs[name] = (d, argv, words, snapshot(d))
+        argv, words, *env = CASES[name](d, ctx) if name in CASES else (dropped_rows_run(d, ctx), ())
+        jobs[name] = (d, argv, words, snapshot(d), env[0] if env else None)
 
     def run(name: str) -> subprocess.CompletedProcess:
-        argv = jobs[name][1]
-        return run_cli(*argv, timeout=300, prefix=getattr(argv, "prefix", ()))  # Mounted cases run in their namespace
+        _, argv, _, _, env = jobs[name]
+        # Mounted cases run in their namespace.
+        return run_cli(*argv, env=env, timeout=300, prefix=getattr(argv, "prefix", ()))
 
     with ThreadPoolExecutor(max_workers=3) as pool:
         procs = dict(zip(jobs, pool.map(run, jobs)))
-    return {name: (procs[name], words, before, snapshot(d)) for name, (d, _, words, before) in jobs.items()}
+    return {name: (procs[name], words, before, snapshot(d)) for name, (d, _, words, before, _) in jobs.items()}
 
 
 def message_lines(stderr: str) -> list[str]:
