@@ -26,7 +26,8 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplie
                      "logits_scaling")
 # Attention that separates packed samples with a mask over the whole row (varlen kernels need no regrouping).
 _MASKED_ATTENTION = ("sdpa", "eager")
-# Collator outputs for varlen kernels; they describe the flat row, so they are dropped when it is regrouped.
+# Collator outputs for varlen kernels; they describe the flat row, so they are dropped when it is regrouped (here) or
+# split between sequence-parallel ranks (seqpar_batches).
 VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
 
 

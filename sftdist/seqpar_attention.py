@@ -85,9 +85,7 @@ def _per_sample(inner: Callable[..., Any], causal_mask: bool) -> Callable[..., A
                   **kwargs: Any) -> tuple[Any, None]:
         import torch
 
-        if kwargs.get("sliding_window"):
-            raise UserError("sequence_parallel with packing: sliding-window attention layers are not supported; "
-                            "use a model without a sliding window or set sequence_parallel: 1")
+        window = kwargs.get("sliding_window")
         # The mask is never read: Ulysses drops it, and the position_ids (which transformers always passes, and
         # sometimes as one row for the whole batch) carry the same boundaries: trl's collator pads on the right and
         # gives each pad token position 0.
@@ -96,6 +94,10 @@ def _per_sample(inner: Callable[..., Any], causal_mask: bool) -> Callable[..., A
         for r in range(query.shape[0]):
             parts = []
             for a, b in sample_spans(position_ids[r]):
+                if window and b - a > window:  # a sliding window would need its own mask: refused, not ignored
+                    raise UserError(f"sequence_parallel: a sample of {b - a} tokens is longer than the model's "
+                                    f"sliding attention window ({window}); use data.max_length <= {window} or "
+                                    "sequence_parallel: 1")
                 mask = None
                 if causal_mask:
                     mask = torch.full((b - a, b - a), torch.finfo(query.dtype).min, dtype=query.dtype,

@@ -191,8 +191,9 @@ def test_packed_samples_never_attend_to_each_other_under_ulysses(tmp_path, tiny_
         assert got["shapes"] == [[1, 46], [1, 46]]
         # Each token's loss is the one a single process gives the unpadded row with transformers' packed mask.
         assert got["sp_vs_one_process"] <= 1e-5, got
-        # Replacing B's tokens changes B's losses and no other sample's, in the same row or the other rank's.
-        assert got["other_samples_change"] == 0.0 and got["changed_sample_change"] > 0.1, got
+        # Replacing B's tokens changes B's losses and no other sample's, in the same row or the other rank's
+        # (measured: exactly 0; Ulysses alone, below, moves them by 0.13).
+        assert got["other_samples_change"] <= 1e-6 and got["changed_sample_change"] > 0.1, got
     # What Ulysses does alone: it drops the mask, and C (after B in the same row) sees B.
     assert result["sdpa_ulysses_alone"]["other_samples_change"] > 1e-3
     # Unpacked: trl pads each batch of 2 to its longest sample (41 and 25 tokens), sftdist to the group's (42).

@@ -27,7 +27,8 @@ def samples(vocab: int, changed: bool) -> list[list[list[int]]]:
     g = torch.Generator().manual_seed(0)
     rows = [[torch.randint(3, vocab, (n,), generator=g).tolist() for n in row] for row in LENGTHS]
     if changed:
-        rows[0][CHANGED] = torch.randint(3, vocab, (LENGTHS[0][CHANGED],), generator=torch.Generator().manual_seed(1)).tolist()
+        other = torch.Generator().manual_seed(1)
+        rows[0][CHANGED] = torch.randint(3, vocab, (LENGTHS[0][CHANGED],), generator=other).tolist()
     return rows
 
 
