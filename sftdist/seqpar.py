@@ -13,7 +13,6 @@ gradient and token weighting `install` corrects.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -85,10 +84,10 @@ def training_overrides(recipe: Recipe) -> dict[str, Any]:
     from accelerate.parallelism_config import ParallelismConfig
     from accelerate.utils import DeepSpeedSequenceParallelConfig
 
-    from sftdist.distributed import launched_type
+    from sftdist.distributed import launched_type, world_size
     from sftdist.model import resolve_attention
 
-    launched, world = launched_type(), int(os.environ.get("WORLD_SIZE", "1"))
+    launched, world = launched_type(), world_size()
     check(recipe, launched.lower() if launched else None, world)
     handler = DeepSpeedSequenceParallelConfig(sp_seq_length_is_variable=True)
     # accelerate 1.15 checks sp_attn_implementation against its own list (sdpa, flash, hub kernels) and refuses the

@@ -160,10 +160,18 @@ def test_a_build_killed_midway_is_never_used_and_the_next_run_rebuilds(tmp_path,
     proc.wait()
     entries = [p for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".")]
     assert entries == [] and any(p.name.startswith(".") for p in cache.iterdir())
+    # Another recipe's entry (a small one) built in the same cache removes the dead build's hidden folder too.
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(rows.splitlines(keepends=True)[:50]))
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump(_recipe(tiny_model, small, cache)))
+    assert run_cli("prepare", str(other)).returncode == 0
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")]
     again = run_cli("prepare", str(recipe))
     assert again.returncode == 0, again.stderr
     assert "data cache built" in again.stdout
-    (entry,) = [p for p in cache.iterdir() if p.is_dir()]  # the killed build's leftovers are gone
+    entry = Path(again.stdout.split("cache entry: ")[1].split()[0])
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # the killed build's leftovers are gone
     assert verify(entry) and "rows: 34400, kept 34400" in again.stdout
 
 

@@ -333,7 +333,8 @@ def test_show_prints_samples_with_loss_marked(tmp_path, tiny_model, chat_sources
 def test_every_chat_layout_trains_and_generate_uses_the_chat_template(tmp_path, tiny_model, chat_sources, method):
     from transformers import AutoTokenizer
 
-    from sftdist.generate import _trained_recipe, read_prompts
+    from sftdist.generate import read_prompts
+    from sftdist.prompt_style import read as read_style
 
     alpaca = {"path": write_jsonl(tmp_path / "alpaca.jsonl", [ALPACA_HISTORY])}
     kto = {"path": write_jsonl(tmp_path / "kto.jsonl", KTO), "format": "kto_good"}
@@ -347,7 +348,7 @@ def test_every_chat_layout_trains_and_generate_uses_the_chat_template(tmp_path, 
     if method == "full":  # the KTO row labelled bad
         assert f"warning: dropped 1 of 2 rows of {kto['path']}: 1 labelled bad" in proc.stderr
     tokenizer = AutoTokenizer.from_pretrained(final)
-    (prompt,) = read_prompts(None, ["Weather in Paris?"], _trained_recipe(final), tokenizer)
+    (prompt,) = read_prompts(None, ["Weather in Paris?"], read_style(final), tokenizer)
     if method == "lora":  # trained on chat only: the prompt is a user turn of the chat template
         assert tokenizer.decode(prompt.ids) == "<s><|im_start|>user\nWeather in Paris?<|im_end|>\n<|im_start|>assistant\n"
     else:  # mixed with instruction rows: the prompt template

@@ -160,6 +160,7 @@ def ensure_entry(
         return Entry(entry, "hit")
     if int(os.environ.get("LOCAL_RANK", "0")) != 0:
         return Entry(_wait_for(entry), "waited")
+    failure = root / f"{fp}.error"  # what the last build of this entry failed with, for the ranks waiting on it
     try:
         root.mkdir(parents=True, exist_ok=True)
         with lock.exclusive(root / f"{fp}.lock"):
@@ -167,22 +168,39 @@ def ensure_entry(
                 return Entry(entry, "hit")  # another node built it while we waited for the lock
             if entry.exists() and not force:
                 click.echo(f"warning: data cache entry {entry} is incomplete or corrupt; rebuilding it", err=True)
+            failure.unlink(missing_ok=True)
             rundir.remove_stale_partials(root)  # builds killed midway, of this entry or of any other
-            with rundir.build_beside(entry, replace=True) as tmp:
-                build(tmp)
-                (tmp / INPUTS_FILE).write_text(json.dumps(inputs, indent=2, default=str), encoding="utf-8")
-                rundir.write_manifest(tmp)
+            try:
+                with rundir.build_beside(entry, replace=True) as tmp:
+                    build(tmp)
+                    (tmp / INPUTS_FILE).write_text(json.dumps(inputs, indent=2, default=str), encoding="utf-8")
+                    rundir.write_manifest(tmp)
+            except UserError as e:
+                rundir.write_text_atomic(failure, str(e))
+                raise
     except OSError as e:
         raise _user_error_if_unwritable(e, root) from None
     return Entry(entry, "built")
 
 
 def _wait_for(entry: Path) -> Path:
-    """Poll for the entry that local rank 0 builds, saying what this rank waits for."""
+    """Poll for the entry that local rank 0 builds, saying what this rank waits for; stop waiting when that
+    build fails (with its error, which the builder prints) or when this process is asked to stop."""
+    import psutil
+
+    from sftdist import preemption
+    from sftdist.errors import EXIT_PREEMPTED
+
     rank = os.environ.get("RANK", "?")
+    failure = entry.parent / f"{entry.name}.error"
+    born = psutil.Process().create_time()  # an older failure file belongs to an earlier launch
     click.echo(f"sftdist: rank {rank} waiting for the data cache {entry} (local rank 0 builds it)")
     start = last = time.monotonic()
     while not verify(entry):
+        if failure.is_file() and failure.stat().st_mtime >= born:
+            raise UserError(failure.read_text(encoding="utf-8"), shown_elsewhere=True)
+        if preemption.requested():
+            raise SystemExit(EXIT_PREEMPTED)
         time.sleep(0.5)
         if time.monotonic() - last > 60:
             last = time.monotonic()
