@@ -3,8 +3,10 @@
 Read this file first. Every step it calls has one job: `data.pipeline` (the recipe's data read,
 rendered, tokenized with loss masks and packed once into a cache entry that every rank
 memory-maps), `model` (tokenizer, model, quantization, LoRA), `distributed` (what CPU/multi-process
-runs need, and the check that they are really distributed), `checkpoint` (output dir, resume,
-atomic checkpoints, preemption). The rows arrive packed by trl's best-fit-decreasing packer with
+runs need, and the check that they are really distributed), `checkpoint` (what to do with
+output_dir, decided before any heavy work and carried out once the trainer exists; atomic
+checkpoints), `resume` (what a checkpoint records of its run, and resuming it at another world
+size). The rows arrive packed by trl's best-fit-decreasing packer with
 labels built, so trl's own preparation is skipped (`skip_prepare_dataset`) and its padding-free
 collator gives each packed sample its own position_ids.
 """
