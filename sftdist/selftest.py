@@ -60,8 +60,7 @@ def warmup_steps(steps: int) -> int:
 
 def write_recipe(o: Options, model: Path, work: Path, on_gpu: bool) -> Path:
     """The selftest's recipe: the demo data packed at max_length, `steps` steps, no checkpoints."""
-    size = o.size or ("1b" if on_gpu else "tiny")
-    max_length, batch = RUN_SHAPE.get(size, CONFIG_RUN_SHAPE)
+    max_length, batch = RUN_SHAPE.get(o.size, CONFIG_RUN_SHAPE)
     train: dict[str, Any] = {
         "max_steps": o.steps,
         "per_device_train_batch_size": o.batch or batch,
