@@ -95,7 +95,7 @@ def processes(o: Options, gpus: int) -> int:
 
 def plan_estimate(recipe_path: Path, o: Options, gpus: int) -> Any:
     """The planner's estimate for this recipe and strategy on this machine (for several CPU processes: an equal
-    share of the RAM each); a UserError when it says the run does not fit, before anything trains."""
+    share of the RAM each), or None where it has none; a UserError when it says the run does not fit."""
     import psutil
 
     from sftdist.plan import make_plan
@@ -110,8 +110,8 @@ def plan_estimate(recipe_path: Path, o: Options, gpus: int) -> Any:
     else:
         memory = psutil.virtual_memory().total // world
     plan = make_plan(load_recipe(recipe_path), world, memory)
-    estimate = next(e for e in plan.estimates if e.strategy == o.strategy)
-    if plan.status(estimate) == "no":
+    estimate = next((e for e in plan.estimates if e.strategy == o.strategy), None)  # none for ddp on one device
+    if estimate is not None and plan.status(estimate) == "no":
         raise UserError(
             f"selftest {o.size} {o.method} under {o.strategy}: `sftdist plan` estimates {gib(estimate.total)} GiB "
             f"+ {gib(plan.reserve(estimate))} GiB reserve per device of {gib(memory)} GiB; lower --batch or "
@@ -126,17 +126,17 @@ def compare_memory(memory: dict[str, Any], estimate: Any) -> dict[str, Any]:
     from sftdist.plan import CALIBRATED_BAND
 
     measured = max(d["measured"] for d in memory["devices"])
-    ratio = measured / estimate.total
+    ratio = measured / estimate.total if estimate is not None else None
     band = [1 / CALIBRATED_BAND[1], 1 / CALIBRATED_BAND[0]]
     return {
         **memory,
         "measured": measured,
-        "planned": estimate.total,
+        "planned": estimate.total if estimate is not None else None,
         "measured_over_planned": ratio,
         "planner_band": band,
-        "within_planner_band": band[0] <= ratio <= band[1],
+        "within_planner_band": ratio is not None and band[0] <= ratio <= band[1],
         "target": list(MEMORY_TARGET),
-        "within_target": MEMORY_TARGET[0] <= ratio <= MEMORY_TARGET[1],
+        "within_target": ratio is not None and MEMORY_TARGET[0] <= ratio <= MEMORY_TARGET[1],
     }
 
 
@@ -212,9 +212,10 @@ def format_table(r: dict[str, Any]) -> str:
         f"  tokens/s per device        {_num(t['tokens_per_second_per_device'])}",
         f"  MFU                        {mfu}; {t['flops_per_token']['total']:.4g} FLOP/token",
         f"  loss                       {_num(r['loss']['first_loss'], 4)} -> {_num(r['loss']['final_loss'], 4)}",
-        f"  peak memory per device     {_gib(m['measured'])} ({m['devices'][0]['kind']}); plan {_gib(m['planned'])}: "
-        f"{m['measured_over_planned']:.2f}x (planner's band {m['planner_band'][0]:.2f}-{m['planner_band'][1]:.2f}, "
-        f"GPU target {m['target'][0]}-{m['target'][1]})",
+        f"  peak memory per device     {_gib(m['measured'])} ({m['devices'][0]['kind']}); "
+        + (f"plan {_gib(m['planned'])}: {m['measured_over_planned']:.2f}x (planner's band {m['planner_band'][0]:.2f}-"
+           f"{m['planner_band'][1]:.2f}, GPU target {m['target'][0]}-{m['target'][1]})" if m["planned"] is not None
+           else f"the planner has no estimate for {s['strategy']} on {dev['count']} device(s)"),
         f"  ran                        {precision}, attention {ran['attn_implementation']}, "
         f"{ran['distributed']['distributed_type']} x {ran['distributed']['num_processes']}",
         f"  packed rows                {'padding-free' if batch.get('padding_free') else 'NOT padding-free'}: "
@@ -246,7 +247,7 @@ def main(o: Options) -> None:
     if o.out:
         print(f"  report                     {o.out}", flush=True)
     failed = [what for what, ok in (("the packing check", report["packing_check"]["passed"]),
-                                    ("padding-free rows", report["ran"]["batch"]["padding_free"])) if not ok]
+                                    ("padding-free rows", (report["ran"]["batch"] or {}).get("padding_free"))) if not ok]
     if failed:  # the stack does not train packed rows as it should: not a user mistake
         print(f"sftdist selftest: FAILED: {', '.join(failed)}", file=sys.stderr, flush=True)
         raise SystemExit(1)

@@ -62,9 +62,8 @@ def _import_trainer_libraries() -> None:
     import importlib.util
 
     import trl.trainer.sft_trainer  # noqa: F401
-    from transformers.integrations import deepspeed  # noqa: F401
 
-    if importlib.util.find_spec("deepspeed") is not None:  # accelerate imports it when installed
+    if importlib.util.find_spec("deepspeed") is not None:  # the Trainer imports it when it is installed
         import deepspeed  # noqa: F401
 
 
