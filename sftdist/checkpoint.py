@@ -18,19 +18,20 @@ import atexit
 import contextlib
 import errno
 import functools
+import json
 import os
 import shutil
-import signal
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import click
 import yaml
 
-from sftdist import lock, rundir
+from sftdist import distributed, lock, preemption, prompt_style, rundir
 from sftdist.errors import EXIT_PREEMPTED, UserError
-from sftdist.recipe import Recipe
+from sftdist.recipe import Recipe, run_identity
 from sftdist.rundir import (
     CHECKPOINT_RE,
     COMPLETE_MARKER,
@@ -38,6 +39,7 @@ from sftdist.rundir import (
     FSDP_SHARDS,
     RECIPE_FILE,
     RUN_INFO,
+    TRAINER_STATE,
     write_json_atomic,
     write_text_atomic,
 )
@@ -61,8 +63,12 @@ def recipe_yaml(recipe: Recipe) -> str:
 
 
 def _same_recipe(recipe: Recipe, saved: Path) -> bool:
+    """Whether output_dir's saved recipe is this run's (however each expresses its global batch)."""
     try:
-        return saved.is_file() and yaml.safe_load(saved.read_text(encoding="utf-8")) == recipe.to_dict()
+        if not saved.is_file():
+            return False
+        raw = yaml.safe_load(saved.read_text(encoding="utf-8"))
+        return isinstance(raw, dict) and run_identity(raw) == run_identity(recipe.to_dict())
     except (yaml.YAMLError, UnicodeDecodeError):
         raise UserError(f"{saved}: is not a valid recipe file; pass --overwrite to replace this output_dir") from None
 
@@ -102,13 +108,25 @@ def _resumable(out: Path) -> tuple[Path | None, list[str]]:
     return None, []
 
 
-def _decide(recipe: Recipe, resume: bool, overwrite: bool) -> tuple[str, Path | None, list[str]]:
-    """What to do with output_dir: ('fresh'|'resume'|'restart'|'replace', checkpoint to resume, warnings)."""
+@dataclass
+class Claim:
+    """What this run does with output_dir: decided before any heavy work (every rank, read-only), carried out
+    by `claim_output_dir` once the trainer exists, so that a check failing in between leaves output_dir as it was."""
+
+    action: str  # fresh | resume | restart | replace | finished
+    checkpoint: Path | None = None
+    warnings: list[str] = field(default_factory=list)
+    moved: str | None = None  # how the world size changed since the checkpoint (resume.check), if it did
+    model_only: bool = False  # the checkpoint holds no optimizer state (train.save_only_model)
+
+
+def decide(recipe: Recipe, facts: dict[str, Any], resume: bool, overwrite: bool) -> Claim:
+    """What to do with output_dir for this run (`facts`: resume.planned), or a UserError saying why not."""
     out = Path(recipe.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: output_dir exists and is not a directory")
     if not out.exists() or not _contents(out):
-        return "fresh", None, []
+        return Claim("fresh")
     saved = out / RECIPE_FILE
     if overwrite:
         if not saved.is_file():
@@ -117,55 +135,75 @@ def _decide(recipe: Recipe, resume: bool, overwrite: bool) -> tuple[str, Path | 
                 "an sftdist run; choose another output_dir"
             )
         _refuse_deleting_inputs(recipe, [out], "--overwrite")
-        return "replace", None, []
+        return Claim("replace")
     if not _same_recipe(recipe, saved):
         what = "another recipe's run" if saved.is_file() else "files that are not an sftdist run"
         raise UserError(
             f"{out}: output_dir holds {what}; choose another output_dir, or pass --overwrite to replace it"
         )
+    if resume and (out / RUN_INFO).is_file() and (out / FINAL_DIR).is_dir():
+        trained = json.loads((out / RUN_INFO).read_text(encoding="utf-8"))["distributed"].get("global_batch")
+        if trained not in (None, facts["global_batch"]):
+            raise UserError(
+                f"{out}: holds a finished run of this recipe trained with a global batch of {trained}; this run's "
+                f"would be {facts['global_batch']}; choose another output_dir, or pass --no-resume to train it again"
+            )
+        return Claim("finished", out / FINAL_DIR)
     ckpt, warnings = _resumable(out) if resume else (None, [])
     if ckpt is None:
         _refuse_deleting_inputs(recipe, _restart_doomed(out), "starting over")
-        return "restart", None, warnings
-    return "resume", ckpt, warnings
+        return Claim("restart", warnings=warnings)
+    from sftdist import resume as resuming
+
+    recorded = resuming.recorded(ckpt)
+    moved = resuming.check(recipe, ckpt, recorded, facts)
+    model_only = not _has_optimizer_state(ckpt)
+    if model_only:
+        if facts["distributed_type"] in ("DEEPSPEED", "FSDP"):
+            raise UserError(
+                f"{ckpt}: holds the model only (train.save_only_model: true), which DeepSpeed and FSDP cannot resume "
+                "from (they restore sharded optimizer state); pass --no-resume to start over"
+            )
+        warnings.append(
+            f"warning: {ckpt} holds the model only (train.save_only_model: true): resuming with the learning-rate "
+            f"schedule at its step; the optimizer's moments start again from zero"
+        )
+    return Claim("resume", ckpt, warnings, moved, model_only)
+
+
+def _has_optimizer_state(ckpt: Path) -> bool:
+    """Whether the checkpoint can restore its optimizer: plain, DeepSpeed or FSDP optimizer files."""
+    return (ckpt / "optimizer.pt").is_file() or any(ckpt.glob("global_step*")) or (ckpt / "optimizer_0").is_dir()
 
 
 def _restart_doomed(out: Path) -> list[Path]:
-    return [p for p in out.iterdir() if CHECKPOINT_RE.match(p.name) or p.name.startswith(FINAL_DIR)]
-
-
-def finished_run(recipe: Recipe, resume: bool, overwrite: bool) -> Path | None:
-    """The final model of this recipe's finished run in output_dir, when a rerun should do nothing.
-
-    Finished means the run info is there: it is written after `final/`, whether the run was
-    bounded by max_steps or by num_train_epochs (whose step count only the trainer knew)."""
-    out = Path(recipe.output_dir)
-    final = out / FINAL_DIR
-    if overwrite or not resume or not (out / RUN_INFO).is_file() or not final.is_dir():
-        return None
-    return final if _same_recipe(recipe, out / RECIPE_FILE) else None
+    """What starting over removes: only what sftdist (and the Trainer under it) wrote at the top of output_dir."""
+    ours = {FINAL_DIR, RUN_INFO, TRAINER_STATE}
+    return [p for p in out.iterdir()
+            if CHECKPOINT_RE.match(p.name) or p.name in ours or p.name.startswith(f".{FINAL_DIR}.partial-")]
 
 
 def lock_output_dir(recipe: Recipe, args: Any) -> lock.RunLock | None:
     """Rank 0 locks output_dir for the whole run (the other ranks of a launch belong to the same run);
     released by `RunLock.release()` at the end of the run, or at exit."""
-    if args.process_index != 0:
-        return None
-    held = lock.acquire(Path(recipe.output_dir))
-    atexit.register(held.release)
+    held = distributed.rank_zero_only(args, lambda: lock.acquire(Path(recipe.output_dir)))
+    if held is not None:
+        atexit.register(held.release)
     return held
 
 
-def prepare_output_dir(recipe: Recipe, args: Any, resume: bool, overwrite: bool) -> str | None:
-    """Claim output_dir for this recipe; return the checkpoint to resume from, if any.
+def claim_output_dir(trainer: Any, recipe: Recipe, claim: Claim) -> str | None:
+    """Carry out `claim` (rank 0 first: delete what it replaces, write the recipe, convert a ZeRO checkpoint
+    of another world size to universal) and prepare the trainer to resume; return the checkpoint, if any."""
+    from sftdist import resume as resuming
 
-    Rank 0 decides and writes first (`main_process_first`); the other ranks then see the same state.
-    """
-    out = Path(recipe.output_dir)
-    with args.main_process_first(local=False, desc="output_dir"):
-        action, ckpt, warnings = _decide(recipe, resume, overwrite)
-        if args.process_index == 0:
-            doomed = _contents(out) if action == "replace" else _restart_doomed(out) if action == "restart" else []
+    out, args = Path(recipe.output_dir), trainer.args
+    deepspeed = trainer.accelerator.distributed_type.name == "DEEPSPEED"
+
+    def carry_out() -> float | None:
+        doomed = _contents(out) if claim.action == "replace" else []
+        doomed += _restart_doomed(out) if claim.action == "restart" else []
+        with _disk_full_is_user_error(out):
             for p in doomed:  # the lock file stays: this run holds it
                 if p.is_dir() and not p.is_symlink():
                     shutil.rmtree(p)
@@ -173,43 +211,27 @@ def prepare_output_dir(recipe: Recipe, args: Any, resume: bool, overwrite: bool)
                     p.unlink()
             out.mkdir(parents=True, exist_ok=True)
             write_text_atomic(out / RECIPE_FILE, recipe_yaml(recipe))
+            prompt_style.record(recipe, args)  # how generation renders prompts; every checkpoint and final/ carry it
+            return resuming.to_universal(claim.checkpoint) if claim.moved and deepspeed else None
+
+    converted = distributed.rank_zero_only(args, carry_out)
+    if claim.checkpoint is None:
+        return None
+    trainer.sftdist_reseed = claim.moved is not None
+    trainer.sftdist_model_only = claim.model_only
+    if claim.moved and deepspeed:
+        # DeepSpeed reads this when the trainer builds its engine (at train()); `latest_universal` names the folder.
+        trainer.accelerator.state.deepspeed_plugin.deepspeed_config["checkpoint"] = {"load_universal": True}
     if args.process_index == 0:
-        for warning in warnings:
+        for warning in claim.warnings:
             click.echo(warning, err=True)
-        if ckpt is not None:
-            print(f"sftdist: resuming from {ckpt}", flush=True)
-    return str(ckpt) if ckpt is not None else None
-
-
-class _StopOnSignal:
-    """Turns a preemption signal into 'save at the next step boundary, then stop'."""
-
-    def __init__(self) -> None:
-        self.requested = False
-
-    def install(self) -> None:
-        # After a first signal, SIGINT keeps the handler `_handle` left (a second Ctrl-C stops at once).
-        for sig in (signal.SIGTERM, signal.SIGUSR1) + (() if self.requested else (signal.SIGINT,)):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
-
-
-_stop: _StopOnSignal | None = None
-
-
-def install_signal_handlers() -> _StopOnSignal:
-    """Record preemption signals from now on, keeping any already recorded. `sftdist train` calls it
-    before its heavy imports: uncaught, SIGUSR1/SIGTERM during imports or model loading would end the
-    run with 138/143, which slurm's requeue does not take for a preemption. The trainer calls it again,
-    in case a library replaced the handlers in between."""
-    global _stop
-    if _stop is None:
-        _stop = _StopOnSignal()
-    _stop.install()
-    return _stop
+        how = ""
+        if claim.moved:
+            conversion = {None: "; ZeRO checkpoint already in universal format"}.get(
+                converted, f"; ZeRO checkpoint converted to universal in {converted or 0:.1f} s")
+            how = f": {claim.moved}{conversion if deepspeed else ''}"
+        print(f"sftdist: resuming from {claim.checkpoint}{how}", flush=True)
+    return str(claim.checkpoint)
 
 
 @contextlib.contextmanager
@@ -248,7 +270,7 @@ def make_trainer_class(base: type, max_shard_size: str) -> type:
     """SFTTrainer with atomic, verified, sharded checkpoints and signal-triggered saves."""
     from transformers import PreTrainedModel, TrainerCallback
 
-    stop = install_signal_handlers()
+    stop = preemption.install()
 
     class SignalCallback(TrainerCallback):
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
@@ -258,14 +280,48 @@ def make_trainer_class(base: type, max_shard_size: str) -> type:
                 state.sftdist_preempted = True
             return control
 
+    class RecipeCadence(TrainerCallback):
+        """A resumed Trainer logs and saves at the cadence stored in the checkpoint's trainer state; the
+        recipe's (which may change between a run and its resume, recipe.run_identity) applies instead."""
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            state.compute_steps(args, state.max_steps)
+
     class SftdistTrainer(base):
         preempted = property(lambda self: getattr(self.state, "sftdist_preempted", False))
+        sftdist_facts: dict[str, Any] = {}  # what checkpoint markers record about this run (resume.planned)
+        sftdist_reseed = False  # resumed at another world size: RNG from seed, step and rank (claim_output_dir)
+        sftdist_model_only = False  # resumed from a checkpoint without optimizer state (claim_output_dir)
 
         def __init__(self, *a: Any, **kw: Any) -> None:
-            super().__init__(*a, callbacks=[SignalCallback()], **kw)
+            super().__init__(*a, callbacks=[SignalCallback(), RecipeCadence()], **kw)
 
-        # The three overrides below are Trainer internals (no public hook exists for them): the epoch loop,
-        # the model save inside a checkpoint, and the checkpoint save itself.
+        # The overrides below are Trainer internals (it has no public hook for them): the RNG and optimizer
+        # restore, the epoch loop, the model save inside a checkpoint, and the checkpoint save itself.
+        def _load_rng_state(self, checkpoint: str | None) -> None:
+            # The checkpoint's per-rank RNG states belong to the world that wrote it.
+            if checkpoint is not None and self.sftdist_reseed:
+                from sftdist.resume import seed_rng
+
+                seed_rng(self.args.seed, self.state.global_step, self.args.process_index)
+                return
+            super()._load_rng_state(checkpoint)
+
+        def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+            super()._load_optimizer_and_scheduler(checkpoint)  # under DeepSpeed, right after the engine loaded
+            if checkpoint is not None and self.sftdist_reseed and self.is_deepspeed_enabled:
+                from sftdist.resume import unshare_optimizer_steps
+
+                unshare_optimizer_steps(self.model_wrapped.optimizer)
+            if checkpoint is not None and self.sftdist_model_only:
+                # No scheduler state was saved: move the schedule to the resumed step instead of restarting it.
+                import warnings
+
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()": on purpose
+                    for _ in range(self.state.global_step):
+                        self.lr_scheduler.step()
+
         def _run_epoch(self, *a: Any, **kw: Any) -> None:
             # Resumed from a checkpoint at the last step, the Trainer would train one step more.
             if self.state.global_step >= self.state.max_steps:
@@ -304,8 +360,10 @@ def make_trainer_class(base: type, max_shard_size: str) -> type:
             self.accelerator.wait_for_everyone()
             if self.args.should_save:
                 with _disk_full_is_user_error(ckpt):
+                    rundir.copy_run_files(run_dir, ckpt)
                     rundir.write_manifest(ckpt)
-                    write_json_atomic(ckpt / COMPLETE_MARKER, {"global_step": self.state.global_step})
+                    write_json_atomic(ckpt / COMPLETE_MARKER, {"global_step": self.state.global_step,
+                                                               **self.sftdist_facts})
                 _rotate(run_dir, limit)
             self.accelerator.wait_for_everyone()
 
@@ -372,8 +430,6 @@ def has_weights(directory: Path) -> bool:
 
 def save_final(trainer: Any, recipe: Recipe, final: Path) -> None:
     """Save the final model whole (every rank takes part), then make it visible in one rename."""
-    from sftdist import distributed
-
     main = trainer.is_world_process_zero()
     building = rundir.build_beside(final, replace=True, shared_by="ranks") if main else contextlib.nullcontext(
         rundir.partial_path(final, shared_by="ranks"))
@@ -387,5 +443,5 @@ def save_final(trainer: Any, recipe: Recipe, final: Path) -> None:
             if not has_weights(tmp):
                 raise RuntimeError(f"saving the final model wrote no weights into {tmp}; refusing an empty model")
             with _disk_full_is_user_error(tmp):
-                write_text_atomic(tmp / RECIPE_FILE, recipe_yaml(recipe))
+                rundir.copy_run_files(Path(recipe.output_dir), tmp)
     trainer.accelerator.wait_for_everyone()

@@ -44,9 +44,9 @@ def cli() -> None:
 @click.option("--overwrite", is_flag=True, help="Replace another run's output_dir instead of refusing.")
 def train(recipe: str, overrides: tuple[str, ...], no_resume: bool, overwrite: bool) -> None:
     """Train RECIPE in this process (run it under `sftdist launch` or `accelerate launch` for several)."""
-    from sftdist.checkpoint import install_signal_handlers
+    from sftdist import preemption
 
-    install_signal_handlers()  # first: a preemption during the imports and loading below must still exit 75
+    preemption.install()  # first: a preemption during the imports and loading below must still exit 75
     from sftdist.recipe import load_recipe
     from sftdist.train import run_training
 
@@ -346,7 +346,8 @@ def main() -> None:
     try:
         cli(standalone_mode=False)
     except UserError as e:
-        click.echo(f"error: {e}", err=True)
+        if not e.shown_elsewhere:
+            click.echo(f"error: {e}", err=True)
         sys.exit(EXIT_USER_ERROR)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)

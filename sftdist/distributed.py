@@ -10,12 +10,16 @@ called by train.py in every rank: before the SFTConfig is built, and once the tr
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sftdist.errors import UserError
 from sftdist.strategies import deepspeed_stage
+
+T = TypeVar("T")
 
 
 def _env_flag(name: str) -> bool:
@@ -31,15 +35,61 @@ def launched_type() -> str | None:
     return None
 
 
+def world_size() -> int:
+    """Processes of this run, as the launcher (torchrun, `accelerate launch`) set them; 1 when run alone."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def launched_zero_stage() -> int | None:
+    """The ZeRO stage `accelerate launch` asked for, or None when it did not launch DeepSpeed."""
+    if launched_type() != "DEEPSPEED":
+        return None
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    if stage is not None:
+        return int(stage)
+    ds_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")  # accelerate does not export a JSON's stage
+    return deepspeed_stage(Path(ds_file)) if ds_file and Path(ds_file).is_file() else None
+
+
+def rank_zero_only(args: Any, fn: Callable[[], T]) -> T | None:
+    """Run `fn` on rank 0 alone (None elsewhere); the other ranks wait for it, and a UserError it raises is
+    raised on every rank (quietly: rank 0 prints it). What rank 0 alone decides or refuses (the output_dir
+    lock, the files it writes there) then stops the launch in one line, instead of every other rank failing
+    in its next collective with the transport's traceback."""
+    import torch.distributed as dist
+
+    if args.world_size == 1:  # `args`: the SFTConfig, whose process group exists once it is asked for its rank
+        return fn()
+    outcome: list[Any] = [None]
+    result = error = None
+    if args.process_index == 0:
+        try:
+            result = fn()
+        except UserError as e:
+            error, outcome = e, [str(e)]
+    dist.broadcast_object_list(outcome, src=0)
+    if error is not None:
+        raise error
+    if outcome[0] is not None:
+        raise UserError(outcome[0], shown_elsewhere=True)
+    return result
+
+
+@contextlib.contextmanager
+def reported_once() -> Iterator[None]:
+    """Around the checks every rank makes alike before training (the recipe, the data, output_dir): a
+    UserError is printed by local rank 0 of each node only, not once per process."""
+    try:
+        yield
+    except UserError as e:
+        if os.environ.get("LOCAL_RANK", "0") != "0":
+            e.shown_elsewhere = True
+        raise
+
+
 def shards_parameters() -> bool:
     """True under FSDP or ZeRO-3 (as `accelerate launch` asked), which flatten and shard parameters."""
-    if launched_type() == "FSDP":
-        return True
-    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
-    ds_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
-    if stage is None and ds_file and Path(ds_file).is_file():  # accelerate does not export a JSON's stage
-        stage = str(deepspeed_stage(Path(ds_file)))
-    return stage == "3"
+    return launched_type() == "FSDP" or launched_zero_stage() == 3
 
 
 def training_overrides() -> dict[str, Any]:
@@ -50,8 +100,7 @@ def training_overrides() -> dict[str, Any]:
     if torch.cuda.is_available():
         return overrides
     overrides.update(bf16=False, fp16=False)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size > 1:
+    if world_size() > 1:
         # Without gloo, DeepSpeed counts one process while accelerate counts WORLD_SIZE.
         overrides["ddp_backend"] = "gloo"
     kind = launched_type()
@@ -79,7 +128,7 @@ def verified_state(trainer: Any) -> dict[str, Any]:
     did not join one group of the launched kind. Rank 0 prints it (train.py), so every run's log says it."""
     acc = trainer.accelerator
     args = trainer.args
-    expected = int(os.environ.get("WORLD_SIZE", "1"))
+    expected = world_size()
     pc = getattr(acc, "parallelism_config", None)
     # Under sequence parallelism N processes share each sample: the batch is counted once per N processes.
     sequence_parallel = pc.sp_size if pc is not None else 1
@@ -117,7 +166,7 @@ def verified_state(trainer: Any) -> dict[str, Any]:
 
 def install_callbacks(trainer: Any) -> None:
     """The tokens-per-step report, and the clean release of the process groups at exit."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if world_size() > 1:
         atexit.register(_release_process_groups)
     trainer.add_callback(_tokens_per_step_logger())
 

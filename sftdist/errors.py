@@ -12,7 +12,12 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on a signal after saving a checkpoin
 
 
 class UserError(Exception):
-    """A mistake in the user's input; the message is the whole report."""
+    """A mistake in the user's input; the message is the whole report.
 
-    def __init__(self, message: str) -> None:
+    `shown_elsewhere`: another process of the same launch reports this very error (rank 0, or the local
+    rank 0 that found it), so this one exits with code 2 without repeating it.
+    """
+
+    def __init__(self, message: str, shown_elsewhere: bool = False) -> None:
         super().__init__(message.replace("\n", " "))
+        self.shown_elsewhere = shown_elsewhere

@@ -6,23 +6,28 @@ distributed-checkpoint reader (what `accelerate merge-weights` does), otherwise 
 The output is sharded safetensors with an index, the config, the tokenizer and chat template, and a
 generation config whose EOS is the tokenizer's. A LoRA checkpoint exports its adapter (from the
 adapter file, or from FSDP2 shards, which hold only the adapter), or with `--merge` the merged model.
-It is built beside `--out` and renamed at the end.
+It is built beside `--out` and renamed at the end, with the run's recipe and prompt style, so that
+`sftdist generate` renders prompts for it as training did.
+
+Before anything is written, the checkpoint is checked: its manifest (a checkpoint sftdist wrote),
+its config, and its safetensors files; files that vanish while it is read (a running training
+rotating the checkpoint away) are one line, not a traceback.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from sftdist import rundir
 from sftdist.errors import UserError
-from sftdist.rundir import ADAPTER_CONFIG, CHECKPOINT_RE, COMPLETE_MARKER, FSDP_SHARDS, RECIPE_FILE, TRAINER_STATE
-
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_RUN_FILES = (RECIPE_FILE, TRAINER_STATE)  # what merge-adapter's model card and QLoRA merge read
+from sftdist.rundir import (
+    ADAPTER_CONFIG, ADAPTER_WEIGHTS, CHECKPOINT_RE, COMPLETE_MARKER, FSDP_SHARDS, MANIFEST, TRAINER_STATE,
+)  # fmt: skip
 
 
 def checkpoint_kind(ckpt: Path) -> str:
@@ -44,18 +49,50 @@ def checkpoint_kind(ckpt: Path) -> str:
     raise UserError(f"{ckpt}: holds no model weights (no safetensors, ZeRO or FSDP shards)")
 
 
-def check_checkpoint(ckpt: Path) -> None:
+def check_checkpoint(ckpt: Path) -> str:
+    """Everything export reads, checked before it writes; returns the checkpoint's kind. A checkpoint
+    sftdist wrote must still hold what its manifest lists (a file cut short or lost since is refused);
+    any directory's config must parse and its safetensors files must be whole."""
+    from sftdist import safetensors_io as sio
+    from sftdist.merge import read_adapter_config
+    from sftdist.model import read_config
+
     if not ckpt.is_dir():
         raise UserError(f"{ckpt}: checkpoint directory does not exist")
-    if CHECKPOINT_RE.match(ckpt.name) and not (ckpt / COMPLETE_MARKER).is_file():
+    marked = (ckpt / COMPLETE_MARKER).is_file()
+    if CHECKPOINT_RE.match(ckpt.name) and not marked:
         raise UserError(f"{ckpt}: checkpoint is incomplete (no {COMPLETE_MARKER} marker; the run stopped mid-write)")
+    if marked or (ckpt / MANIFEST).is_file():
+        problem = rundir.check_manifest(ckpt)
+        if problem is not None:
+            raise UserError(f"{ckpt}: checkpoint is damaged ({problem}); export another checkpoint")
     if not (ckpt / "config.json").is_file() and not (ckpt / ADAPTER_CONFIG).is_file():
         raise UserError(f"{ckpt}: no config.json or {ADAPTER_CONFIG}, so it is not a model checkpoint")
+    kind = checkpoint_kind(ckpt)
+    if kind in ("adapter", "fsdp-adapter"):
+        read_adapter_config(ckpt)
+    else:
+        read_config(str(ckpt))
+    for f in sorted(ckpt.glob("*.safetensors")):
+        sio.tensor_specs(f)
+    return kind
 
 
-def check_out_dir(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out}: --out exists and is not empty; choose a new directory")
+@contextlib.contextmanager
+def _vanishing_is_user_error(ckpt: Path) -> Iterator[None]:
+    """A checkpoint deleted while export reads it (a running training rotates old checkpoints away)
+    fails wherever the reader happens to be; when files it held are gone, one line says so instead."""
+    files = [p for p in ckpt.rglob("*") if p.is_file()]
+    try:
+        yield
+    except Exception:
+        gone = [p for p in files if not p.exists()]
+        if not gone:
+            raise
+        raise UserError(
+            f"{ckpt}: {len(gone)} of its files vanished while exporting (e.g. {gone[0].relative_to(ckpt)}); a running "
+            "training may have rotated this checkpoint away (train.save_total_limit): export a newer one, or copy it first"
+        ) from None
 
 
 def consolidated_state_dict(ckpt: Path, kind: str) -> dict[str, Any]:
@@ -88,21 +125,20 @@ def consolidated_state_dict(ckpt: Path, kind: str) -> dict[str, Any]:
 
 
 def _write_adapter(ckpt: Path, kind: str, dst: Path) -> None:
-    """The adapter as peft saves it, plus the run's recipe and trainer state (merge-adapter reads them:
+    """The adapter as peft saves it, plus the run's files and trainer state (merge-adapter reads them:
     a QLoRA adapter is merged into the 4-bit base it was trained against)."""
     from safetensors.torch import save_file
 
-    dst.mkdir(parents=True, exist_ok=True)
     if kind == "adapter":
         shutil.copy2(ckpt / ADAPTER_WEIGHTS, dst / ADAPTER_WEIGHTS)
     else:
         state = consolidated_state_dict(ckpt, kind)
         save_file({k: v.contiguous() for k, v in state.items()}, str(dst / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     shutil.copy2(ckpt / ADAPTER_CONFIG, dst / ADAPTER_CONFIG)
-    for name in ADAPTER_RUN_FILES:
-        src = rundir.run_file(ckpt, name)
-        if src is not None:
-            shutil.copy2(src, dst / name)
+    state_file = rundir.run_file(ckpt, TRAINER_STATE)
+    if state_file is not None:
+        shutil.copy2(state_file, dst / TRAINER_STATE)
+    rundir.copy_run_files(ckpt, dst)
     rundir.copy_tokenizer(ckpt, dst)
 
 
@@ -128,26 +164,32 @@ def _write_full_model(ckpt: Path, kind: str, tmp: Path, max_shard_size: str) -> 
     model.generation_config = gen
     model.save_pretrained(tmp, max_shard_size=max_shard_size)
     tok.save_pretrained(tmp)
+    rundir.copy_run_files(ckpt, tmp)
 
 
 def export_checkpoint(checkpoint: str, out: str, merge: bool, max_shard_size: str) -> Path:
     """Write `out` from `checkpoint`; nothing is left in `out` if anything fails."""
     ckpt, out_path = Path(checkpoint), Path(out)
-    check_checkpoint(ckpt)
-    check_out_dir(out_path)
-    kind = checkpoint_kind(ckpt)
+    with _vanishing_is_user_error(ckpt):
+        kind = check_checkpoint(ckpt)
+    rundir.check_new_dir(out_path, "--out")
     if merge and kind not in ("adapter", "fsdp-adapter"):
         raise UserError(f"{ckpt}: --merge needs a LoRA/QLoRA checkpoint, but this one holds a full model")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     if merge:  # the adapter in a scratch directory, then merge-adapter builds --out (beside it, verified)
-        from sftdist.merge import merge_adapter
+        from sftdist.merge import merge_adapter, read_adapter_config
 
-        with tempfile.TemporaryDirectory(prefix=f".{out_path.name}.adapter-", dir=out_path.parent) as scratch:
-            _write_adapter(ckpt, kind, Path(scratch))
-            base = json.loads((Path(scratch) / ADAPTER_CONFIG).read_text(encoding="utf-8"))["base_model_name_or_path"]
+        base = read_adapter_config(ckpt).get("base_model_name_or_path")
+        if not isinstance(base, str) or not base:
+            raise UserError(
+                f"{ckpt / ADAPTER_CONFIG}: names no base_model_name_or_path to merge into; use sftdist merge-adapter --base"
+            )
+        # In the system's temporary directory, not beside --out: a killed export leaves nothing there.
+        with tempfile.TemporaryDirectory(prefix="sftdist-export-adapter-") as scratch:
+            with _vanishing_is_user_error(ckpt):
+                _write_adapter(ckpt, kind, Path(scratch))
             merge_adapter(base, scratch, str(out_path), max_shard_size=max_shard_size)
         return out_path
-    with rundir.build_beside(out_path) as tmp:
+    with _vanishing_is_user_error(ckpt), rundir.build_beside(out_path) as tmp:
         if kind in ("adapter", "fsdp-adapter"):
             _write_adapter(ckpt, kind, tmp)
         else:

@@ -1,26 +1,24 @@
 """`sftdist generate`: answer prompts with a trained model, rendered exactly as in training.
 
-The prompt goes through the same template and Encoder as the training samples (read from the
-`sftdist_recipe.yaml` saved beside the model), so a fine-tuned model sees what it learnt: a model
-trained on chat data gets `--prompt` as a user turn of its chat template, one trained on
-instruction data gets the recipe's prompt template. With
-`--compare BASE` the base answers the same token ids, side by side; prompts that come with a
-reference answer (a data file) are scored by exact match.
+The prompt goes through the same template and Encoder as the training samples, in the rendering the
+run recorded (`prompt_style`: saved with every checkpoint, final model and export), so a fine-tuned
+model sees what it learnt: a model trained on chat data gets `--prompt` as a user turn of its chat
+template, one trained on instruction data gets the run's prompt template. With `--compare BASE` the
+base answers the same token ids, side by side; prompts that come with a reference answer (a data
+file) are scored by exact match. Answers stop at the model's context.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import click
-import yaml
 
 from sftdist.errors import UserError
-from sftdist.recipe import Recipe, recipe_from_dict
-from sftdist.rundir import RECIPE_FILE
+from sftdist.prompt_style import PromptStyle
+from sftdist.rundir import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 
 @dataclass
@@ -30,32 +28,33 @@ class Prompt:
     reference: str | None = None
 
 
-def _trained_recipe(model_dir: Path) -> Recipe | None:
-    f = model_dir / RECIPE_FILE
-    if not f.is_file():
-        return None
-    return recipe_from_dict(yaml.safe_load(f.read_text(encoding="utf-8")), source=str(f))
+def check_loadable(model_dir: str) -> None:
+    """What from_pretrained would fail on with a traceback, as one line: no such model, a config that
+    does not parse, no weights or weights cut short; for an adapter, the same for its base."""
+    from sftdist.model import check_weights, read_config, require_safetensors
 
+    p = Path(model_dir)
+    if not (p / ADAPTER_CONFIG).is_file():
+        read_config(model_dir)
+        if p.is_dir():
+            require_safetensors(model_dir)
+            check_weights(p)
+        return
+    from sftdist import safetensors_io as sio
+    from sftdist.merge import read_adapter_config
 
-def trained_on_chat(recipe: Recipe | None) -> bool:
-    """Whether the run trained on chat rows only: each source's format, detected from its first row
-    when `auto` (sources no longer readable are skipped; mixed runs keep the prompt template)."""
-    from sftdist.data.formats import CHAT_FORMATS, SELECT_FORMATS, render_rows
-    from sftdist.data.load import read_source
-
-    if recipe is None:
-        return False
-    formats = []
-    for src in recipe.data.train:
-        fmt = src.format
-        if fmt == "auto" or fmt in SELECT_FORMATS:
-            try:
-                rows = read_source(dataclasses.replace(src, limit=1))
-                fmt = render_rows(rows.rows, rows.labels, src.format, recipe.data.template, rows.where, warn=False).format
-            except UserError:
-                continue
-        formats.append(fmt)
-    return bool(formats) and all(f in CHAT_FORMATS for f in formats)
+    base = read_adapter_config(p).get("base_model_name_or_path")
+    if not isinstance(base, str) or not base:
+        raise UserError(f"{p / ADAPTER_CONFIG}: names no base_model_name_or_path, so the adapter has no base to run on")
+    require_safetensors(model_dir)
+    weights = p / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise UserError(f"{p}: has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}")
+    sio.tensor_specs(weights)
+    try:
+        check_loadable(base)
+    except UserError as e:
+        raise UserError(f"{p / ADAPTER_CONFIG}: base model (base_model_name_or_path): {e}") from None
 
 
 def load_for_generation(model_dir: str) -> tuple[Any, Any]:
@@ -63,16 +62,15 @@ def load_for_generation(model_dir: str) -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sftdist.model import check_model_path, require_safetensors
+    from sftdist.model import require_safetensors
 
+    check_loadable(model_dir)
     p = Path(model_dir)
-    if (p / "adapter_config.json").is_file():
+    if (p / ADAPTER_CONFIG).is_file():
         from peft import AutoPeftModelForCausalLM
 
-        require_safetensors(str(p))
         model = AutoPeftModelForCausalLM.from_pretrained(str(p), dtype=torch.float32)
     else:
-        check_model_path(model_dir)
         model = AutoModelForCausalLM.from_pretrained(
             str(p), dtype=torch.float32, use_safetensors=require_safetensors(str(p))
         )
@@ -81,17 +79,21 @@ def load_for_generation(model_dir: str) -> tuple[Any, Any]:
     return model, tok
 
 
-def read_prompts(path: str | None, prompts: list[str], recipe: Recipe | None, tokenizer: Any) -> list[Prompt]:
-    """Prompts from --prompt, a text file (one instruction per line) or a data file with references."""
+def read_prompts(path: str | None, prompts: list[str], style: PromptStyle, tokenizer: Any) -> list[Prompt]:
+    """Prompts from --prompt, a text file (one instruction per line, UTF-8) or a data file with
+    references; rows of a data file that are skipped (an empty reference) are counted in a warning."""
     from sftdist.data.encode import Encoder, stop_token_ids
     from sftdist.data.formats import render_rows
-    from sftdist.data.load import read_source
+    from sftdist.data.load import read_lines, read_source
+    from sftdist.data.notices import source_warnings
     from sftdist.data.templates import PROMPT_TEMPLATES
     from sftdist.recipe import SourceConfig
 
-    template = recipe.data.template if recipe else "default"
+    template = style.template
     enc = Encoder(tokenizer, 10**9, "completion", False, stop_token_ids(tokenizer))
-    if trained_on_chat(recipe) and tokenizer.chat_template:
+    if style.chat and not tokenizer.chat_template:
+        raise UserError(f"{style.source}: the run trained on chat, but the model's tokenizer has no chat template")
+    if style.chat:
         def render(text: str) -> list[int]:
             return enc.chat_prompt_ids([{"role": "user", "content": text}])
     else:
@@ -105,12 +107,15 @@ def read_prompts(path: str | None, prompts: list[str], recipe: Recipe | None, to
     if not p.is_file():
         raise UserError(f"{p}: prompts file does not exist")
     if p.suffix not in (".jsonl", ".json", ".parquet", ".csv"):
-        for line in p.read_text(encoding="utf-8").splitlines():
+        for _, line in read_lines(p):
             if line.strip():
                 out.append(Prompt(line.strip(), render(line.strip())))
         return out
     rows = read_source(SourceConfig(path=str(p)))
     rendered = render_rows(rows.rows, rows.labels, "auto", template, rows.where)
+    notes = (rendered.dropped, rendered.changed, rendered.ignored_columns, rendered.ignored_keys)
+    for line in source_warnings(rows.where, len(rows.rows), *notes):
+        click.echo(line, err=True)
     for ex in rendered.examples:
         if ex.kind == "chat":
             history, last = ex.messages[:-1], ex.messages[-1]["content"]
@@ -139,6 +144,34 @@ def answer(model: Any, tokenizer: Any, ids: list[int], max_new_tokens: int, samp
     return tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True).strip()
 
 
+def token_budget(models: list[Any], max_new_tokens: int) -> Callable[[int, int], int]:
+    """New tokens for prompt i of n tokens: --max-new-tokens, bounded by the smallest context among
+    `models` (positions beyond it were never trained, and past them generation only burns time);
+    one warning line the first time the bound applies, an error for a prompt that fills the context."""
+    from sftdist.model import model_context_length
+
+    contexts = [c for c in (model_context_length(m.config) for m in models) if c is not None]
+    context = min(contexts) if contexts else None
+    warned = False
+
+    def budget(i: int, prompt_tokens: int) -> int:
+        nonlocal warned
+        if context is None or prompt_tokens + max_new_tokens <= context:
+            return max_new_tokens
+        if prompt_tokens >= context:
+            raise UserError(f"prompt {i} has {prompt_tokens} tokens, which fills the model's context of {context}")
+        if not warned:
+            click.echo(
+                f"warning: --max-new-tokens {max_new_tokens} goes past the model's context of {context} tokens; "
+                "each answer stops at the context",
+                err=True,
+            )
+            warned = True
+        return context - prompt_tokens
+
+    return budget
+
+
 def run_generate(
     model_dir: str,
     base_dir: str | None,
@@ -153,26 +186,33 @@ def run_generate(
     """Print answers (and base answers, and exact-match accuracy); return the accuracies."""
     import torch
 
+    from sftdist import prompt_style
     from sftdist.demo import exact_match
 
     if not Path(model_dir).is_dir():
         raise UserError(f"{model_dir}: model directory does not exist")
+    if base_dir is not None:
+        check_loadable(base_dir)
     model, tok = load_for_generation(model_dir)
-    items = read_prompts(prompts_file, prompts, _trained_recipe(Path(model_dir)), tok)
+    style = prompt_style.read(Path(model_dir))
+    items = read_prompts(prompts_file, prompts, style, tok)
     if not items:
         raise UserError("no prompts: pass --prompt TEXT or --prompts-file FILE")
+    click.echo(f"sftdist generate: {style.describe()}", err=True)
     # The base answers the same token ids, so both see one rendering; its tokenizer is a subset of ours.
     models = [("fine-tuned", model)]
     if base_dir is not None:
         models.append(("base", load_for_generation(base_dir)[0]))
+    new_tokens = token_budget([m for _, m in models], max_new_tokens)
+    budgets = [new_tokens(i, len(item.ids)) for i, item in enumerate(items, start=1)]  # refusals before any answer
     sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_p": top_p}
     correct = {name: 0 for name, _ in models}
     scored = 0
-    for i, item in enumerate(items, start=1):
+    for i, (item, budget) in enumerate(zip(items, budgets), start=1):
         click.echo(f"--- prompt {i}: {item.text}")
         for name, m in models:
             torch.manual_seed(seed)
-            text = answer(m, tok, item.ids, max_new_tokens, sampling)
+            text = answer(m, tok, item.ids, budget, sampling)
             mark = ""
             if item.reference is not None:
                 ok = exact_match(text, item.reference)

@@ -19,8 +19,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sftdist.errors import EXIT_PREEMPTED, UserError
-from sftdist.recipe import Recipe
+import yaml
+
+from sftdist.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
+from sftdist.recipe import Recipe, accumulation
 from sftdist.strategies import config_paths, deepspeed_stage
 from sftdist.units import gib
 
@@ -58,6 +60,17 @@ def config_kind(path: Path, on_cpu: bool, ds_file: Path | None = None) -> tuple[
     """
     from accelerate.commands.config.config_args import load_config_from_file
 
+    # accelerate's loader assumes a mapping: invalid YAML, a list or an empty file end in its traceback.
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        where = getattr(e, "problem_mark", None)
+        line = f"line {where.line + 1}: " if where is not None else ""
+        why = getattr(e, "problem", None) or getattr(e, "strerror", None) or str(e).splitlines()[0]
+        raise UserError(f"{path}: not a readable YAML accelerate config ({line}{why})") from None
+    if not isinstance(raw, dict):
+        found = "an empty file" if raw is None else f"a {type(raw).__name__}"
+        raise UserError(f"{path}: expected a mapping of accelerate config keys (distributed_type: ...), found {found}")
     try:
         cfg = load_config_from_file(str(path))
     except (ValueError, TypeError, KeyError) as e:
@@ -195,6 +208,7 @@ def build_launch(
     if num_machines > 1 and not main_process_ip:
         raise UserError("--num-machines > 1 needs --main-process-ip (the address of the machine with rank 0)")
     seqpar.check(loaded, kind, num_processes * num_machines, strategy)
+    accumulation(loaded, num_processes * num_machines)  # global_batch_size must divide over these processes
     argv = ["--config_file", str(acc_cfg), "--num_processes", str(num_processes * num_machines),
             "--num_machines", str(num_machines)]
     if num_machines > 1:
@@ -208,8 +222,11 @@ def build_launch(
         # accelerate exports the stage only from its own zero_stage field, not from a DeepSpeed file;
         # the model loader needs it to store QLoRA's 4-bit weights in a dtype ZeRO-3 can shard.
         env["ACCELERATE_DEEPSPEED_ZERO_STAGE"] = str(stage)
+    threads = str(max(1, cpu_cores() // num_processes))
+    if "OMP_NUM_THREADS" not in os.environ:  # torchrun otherwise sets 1 and prints a banner saying so
+        env["OMP_NUM_THREADS"] = threads
     if on_cpu:
-        argv += ["--num_cpu_threads_per_process", str(max(1, cpu_cores() // num_processes))]
+        argv += ["--num_cpu_threads_per_process", threads]
         # On CPU the trainer must not be told it is on CPU when DeepSpeed runs: accelerate would drop DeepSpeed.
         env["ACCELERATE_USE_CPU"] = "false" if kind == "deepspeed" else "true"
     if kind != "single":
@@ -262,12 +279,14 @@ def run_launch(launch: Launch) -> int:
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         code = _exit_code(failure.exitcode) or 1
-        print(f"sftdist launch: rank {rank} exited with code {code}; see its output above", file=sys.stderr)
+        if code not in (EXIT_USER_ERROR, EXIT_PREEMPTED):  # those ranks said what happened, in one line
+            print(f"sftdist launch: rank {rank} exited with code {code}; see its output above", file=sys.stderr)
         return code
     except subprocess.CalledProcessError as e:
         return _exit_code(e.returncode) or 1
     except SignalException as e:
-        if e.sigval in (signal.SIGUSR1, signal.SIGTERM):
+        # Ctrl-C reaches the workers too (one process group): like a scheduler's signal, they checkpoint and stop.
+        if e.sigval in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             print(f"sftdist launch: stopped by {e.sigval.name}; the workers were asked to checkpoint", file=sys.stderr)
             return EXIT_PREEMPTED
         return 128 + int(e.sigval)

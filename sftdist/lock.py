@@ -44,11 +44,16 @@ class RunLock:
         self.path.unlink(missing_ok=True)
         os.close(self._fd)
         self._fd = None
-        for directory in self._created_dirs:  # a run that stopped before writing anything leaves nothing behind
-            try:
-                directory.rmdir()
-            except OSError:
-                break
+        _remove_empty(self._created_dirs)  # a run that stopped before writing anything leaves nothing behind
+
+
+def _remove_empty(directories: list[Path]) -> None:
+    """Remove the directories a lock created, deepest first, as far as they are empty."""
+    for directory in directories:
+        try:
+            directory.rmdir()
+        except OSError:
+            break
 
 
 def _holder(fd: int) -> dict:
@@ -98,30 +103,36 @@ def exclusive(path: Path) -> Iterator[None]:
 
 
 def acquire(output_dir: Path) -> RunLock:
-    """Lock `output_dir` (created if absent) for this process, or raise a UserError naming the holder."""
+    """Lock `output_dir` (created if absent) for this process, or raise a UserError naming the holder;
+    a failure (another holder, a full disk) leaves output_dir as it was found."""
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"{output_dir}: output_dir exists and is not a directory")
     created = [d for d in (output_dir, *output_dir.parents) if not d.exists()]  # deepest first
     path = output_dir / LOCK_FILE
+    held = None
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        fd = _lock(path, blocking=False)
+        held = RunLock(path, _lock(path, blocking=False), created)
+        stale = _holder(held._fd)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        os.ftruncate(held._fd, 0)
+        os.pwrite(held._fd, json.dumps(me).encode("utf-8"), 0)
     except Held as e:
+        _remove_empty(created)
         raise UserError(
             f"{output_dir}: another sftdist run holds this output_dir (pid {e.holder.get('pid', '?')} on "
             f"host {e.holder.get('host', '?')}, since {e.holder.get('since', '?')}); wait for it to end, "
             "or choose another output_dir"
         ) from None
     except OSError as e:
+        if held is not None:
+            held.release()
+        _remove_empty(created)
         raise UserError(f"{path}: cannot lock the output_dir ({e.strerror})") from None
-    stale = _holder(fd)
     if stale:
         click.echo(
             f"warning: {path}: taking over a stale lock from a run that ended without releasing it "
             f"(pid {stale.get('pid', '?')} on host {stale.get('host', '?')})",
             err=True,
         )
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(me).encode("utf-8"), 0)
-    return RunLock(path, fd, created)
+    return held

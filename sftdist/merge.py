@@ -7,7 +7,8 @@ delta is added (scaling * B @ A with rsLoRA and per-module rank/alpha, DoRA's ma
 full tensors such as resized embeddings), and the shard is written and freed. A QLoRA adapter is
 merged into dequant(quant(W)), computed with bitsandbytes' own 4-bit round trip on exactly the
 layers transformers quantizes. Everything is built in a temporary directory beside `--out`,
-checked against base + adapter run through peft, and renamed into place only when it passes.
+checked against base + adapter run through peft, and renamed into place only when it passes; the
+adapter's run files (recipe, prompt style) go with it, so generation renders prompts as training did.
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ from sftdist import rundir
 from sftdist import safetensors_io as sio
 from sftdist.errors import UserError
 from sftdist.recipe import QuantizationConfig
-from sftdist.rundir import ADAPTER_CONFIG, RECIPE_FILE, TRAINER_STATE
+from sftdist.rundir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RECIPE_FILE, TRAINER_STATE
 from sftdist.units import parse_size
 
 ADAPTER_PREFIX = "base_model.model."
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+ADAPTER_FILES = (ADAPTER_WEIGHTS, "adapter_model.bin")
 _LORA_KEY = re.compile(
     r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|lora_embedding_B"
     r"|lora_magnitude_vector)$"
@@ -164,6 +165,7 @@ def merge_adapter(
             print(f"merge-adapter: verification {check}", flush=True)
         card = model_card(base_dir, ad, method, out_dtype, files, check, recipe)
         (tmp / "README.md").write_text(card, encoding="utf-8")
+        rundir.copy_run_files(adapter_dir, tmp)  # the merged model renders prompts as the adapter's run did
     return MergeResult(out_dir, files, out_dtype, method, check)
 
 
@@ -176,8 +178,7 @@ def _check_paths(base: Path, adapter: Path, out: Path) -> None:
             raise UserError(f"--adapter {adapter}: does not exist")
         hint = f"; did you mean {adapter / 'final'}?" if (adapter / "final" / ADAPTER_CONFIG).is_file() else ""
         raise UserError(f"--adapter {adapter}: has no {ADAPTER_CONFIG}, so it is not a peft adapter{hint}")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"--out {out}: exists and is not empty; choose a new directory")
+    rundir.check_new_dir(out, "--out")
 
 
 def _device(name: str) -> Any:
@@ -240,13 +241,22 @@ def adapter_weights_file(adapter_dir: Path, allow_pickle: bool = False) -> Path:
     return weights
 
 
-def load_adapter(adapter_dir: Path, weights: Path) -> Adapter:
-    """Read a peft LoRA adapter and sort its tensors per base module; refuse what cannot be merged."""
+def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
+    """A peft adapter's adapter_config.json as a mapping, or a one-line error naming it."""
     cfg_path = adapter_dir / ADAPTER_CONFIG
     try:
         raw = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except ValueError:
+    except (ValueError, UnicodeDecodeError):
         raise UserError(f"{cfg_path}: is not valid JSON") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("peft_type"), str):
+        raise UserError(f"{cfg_path}: expected a JSON object with a peft_type, as peft writes it")
+    return raw
+
+
+def load_adapter(adapter_dir: Path, weights: Path) -> Adapter:
+    """Read a peft LoRA adapter and sort its tensors per base module; refuse what cannot be merged."""
+    cfg_path = adapter_dir / ADAPTER_CONFIG
+    raw = read_adapter_config(adapter_dir)
     if raw.get("peft_type") != "LORA":
         raise UserError(f"{cfg_path}: peft_type is {raw.get('peft_type')!r}; merge-adapter merges LORA adapters only")
     from peft import LoraConfig

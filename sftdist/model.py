@@ -95,11 +95,22 @@ def resolve_dtype(name: str, where: str, trainable: bool = False) -> Any:
 
 
 def resolve_attention(recipe: Recipe) -> str:
+    """model.attn_implementation as transformers will load it; flash attention only where it can run
+    (preflight calls this, so a machine without it is refused before anything is written)."""
+    from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
+
     impl = recipe.model.attn_implementation
     if impl == "auto":
-        import importlib.util
-
-        impl = "flash_attention_2" if has_cuda() and importlib.util.find_spec("flash_attn") else "sdpa"
+        impl = "flash_attention_2" if is_flash_attn_2_available() else "sdpa"
+    available = {"flash_attention_2": is_flash_attn_2_available, "flash_attention_3": is_flash_attn_3_available}
+    # On a GPU transformers falls back to the hub's flash-attention kernels when `kernels` is installed.
+    if impl in available and not available[impl](kernels_fallback_ok=has_cuda()):
+        package = "flash-attn" if impl == "flash_attention_2" else "flash-attn 3 (flash_attn_interface)"
+        where = "no GPU is visible" if not has_cuda() else f"{package} is not installed"
+        raise UserError(
+            f"{recipe.source}: model.attn_implementation={impl} needs a CUDA GPU and {package}, but {where}; "
+            "use auto or sdpa"
+        )
     if recipe.data.packing and impl not in PACKING_SAFE_ATTENTION:
         raise UserError(
             f"{recipe.source}: model.attn_implementation={impl} cannot keep packed samples from attending to "
@@ -168,20 +179,35 @@ def lora_config(recipe: Recipe) -> Any:
 
 
 def load_config(recipe: Recipe) -> Any:
-    """The model's config.json (no weights), with one-line errors for what users get wrong."""
+    """The recipe's model's config.json (no weights)."""
+    m = recipe.model
+    return read_config(m.name_or_path, m.trust_remote_code, f"unless {recipe.source} sets model.trust_remote_code: true")
+
+
+def read_config(name_or_path: str, trust_remote_code: bool = False, allow: str = "") -> Any:
+    """A model's config.json (no weights), with one-line errors for what users get wrong: a missing
+    or cut-off file, an unknown model type, code the config needs to run (`allow` says how to allow it)."""
     from transformers import AutoConfig
 
-    m = recipe.model
-    check_model_path(m.name_or_path)
+    check_model_path(name_or_path)
     try:
-        return AutoConfig.from_pretrained(m.name_or_path, trust_remote_code=m.trust_remote_code)
+        return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         if "trust_remote_code" in str(e):
             raise UserError(
-                f"{m.name_or_path}: config.json needs the model's own Python code (auto_map), which sftdist does not "
-                f"run unless {recipe.source} sets model.trust_remote_code: true"
+                f"{name_or_path}: config.json needs the model's own Python code (auto_map), which sftdist does not "
+                f"run{' ' + allow if allow else ''}"
             ) from None
-        raise UserError(f"{m.name_or_path}: could not read config.json ({str(e).strip().splitlines()[0]})") from None
+        raise UserError(f"{name_or_path}: could not read config.json ({str(e).strip().splitlines()[0]})") from None
+
+
+def check_weights(model_dir: Path) -> None:
+    """A local model directory holds weights, and every safetensors file among them is whole."""
+    from sftdist import safetensors_io as sio
+
+    for shard in sio.model_shards(model_dir, allow_pickle=True):  # pickle-only: `require_safetensors` refuses
+        if shard.suffix == ".safetensors":
+            sio.tensor_specs(shard)
 
 
 def meta_model(recipe: Recipe) -> tuple[Any, Any]:

@@ -8,9 +8,12 @@ model is read from config.json and, for LoRA, built on the meta device: no weigh
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 from sftdist.errors import UserError
-from sftdist.model import check_context, load_config, meta_model, with_lora
-from sftdist.recipe import Recipe, typed_train
+from sftdist.model import check_context, load_config, meta_model, resolve_attention, with_lora
+from sftdist.recipe import Recipe, train_kwargs, typed_train
 from sftdist.units import parse_size
 
 
@@ -31,26 +34,127 @@ def check_shard_size(text: str, where: str) -> int:
     return ours
 
 
+# `train:` values the libraries accept and then fail on, or train wrongly with: key -> (valid?, what is expected).
+# null (unset) is always accepted: the library's default applies.
+def _positive(x: float) -> bool:
+    return x > 0
+
+
+def _not_negative(x: float) -> bool:
+    return x >= 0
+
+
+TRAIN_RANGES = {
+    "learning_rate": (_positive, "a positive number"),
+    "per_device_train_batch_size": (_positive, "a positive integer"),
+    "per_device_eval_batch_size": (_positive, "a positive integer"),
+    "gradient_accumulation_steps": (_positive, "a positive integer"),
+    "eval_accumulation_steps": (_positive, "a positive integer (null: no accumulation)"),
+    "max_steps": (lambda x: x == -1 or x > 0, "a positive integer, or -1 (unset: train for num_train_epochs)"),
+    "num_train_epochs": (_positive, "a positive number (or set train.max_steps)"),
+    "logging_steps": (_positive, "a positive number (steps, or a fraction of the run below 1)"),
+    "save_steps": (_positive, "a positive number (steps, or a fraction of the run below 1)"),
+    "eval_steps": (_positive, "a positive number (null: logging_steps)"),
+    "save_total_limit": (_positive, "a positive integer (null: keep every checkpoint)"),
+    "warmup_steps": (_not_negative, "0 or more (steps, or a fraction of the run below 1)"),
+    "warmup_ratio": (lambda x: 0 <= x <= 1, "0 <= x <= 1"),
+    "weight_decay": (_not_negative, "0 or more"),
+    "max_grad_norm": (_not_negative, "0 or more (0: no clipping)"),
+    "adam_beta1": (lambda x: 0 <= x < 1, "0 <= x < 1"),
+    "adam_beta2": (lambda x: 0 <= x < 1, "0 <= x < 1"),
+    "adam_epsilon": (_positive, "a positive number"),
+    "seed": (_not_negative, "0 or more"),
+    "data_seed": (_not_negative, "0 or more (null: train.seed)"),
+    "dataloader_num_workers": (_not_negative, "0 or more"),
+}
+
+
 def check_values(recipe: Recipe) -> None:
     """Ranges that the libraries accept silently and fail on (or train wrongly with) later."""
     src = recipe.source or "recipe"
-    lr = typed_train(recipe).get("learning_rate")  # typed: YAML reads 2e-5 as a string
-    if lr is not None and lr <= 0:
-        raise UserError(f"{src}: train.learning_rate is {lr}; expected a positive number")
+    train = typed_train(recipe)  # typed: YAML reads 2e-5 as a string
+    for key, (valid, expected) in TRAIN_RANGES.items():
+        value = train.get(key)
+        if key == "num_train_epochs" and train.get("max_steps", -1) not in (-1, None):
+            continue  # max_steps wins
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not valid(value):
+            raise UserError(f"{src}: train.{key} is {value}; expected {expected}")
     if recipe.method in ("lora", "qlora"):
         lc = recipe.lora
         if lc.r < 1:
             raise UserError(f"{src}: lora.r is {lc.r}; expected a positive integer (the adapter rank), e.g. 16")
+        if lc.alpha <= 0:
+            raise UserError(f"{src}: lora.alpha is {lc.alpha}; expected a positive number (the adapter's scale)")
         if not 0 <= lc.dropout < 1:
             raise UserError(f"{src}: lora.dropout is {lc.dropout}; expected 0 <= x < 1")
         if not lc.target_modules:
             raise UserError(f"{src}: lora.target_modules is empty; expected all-linear or a list of module names")
     check_shard_size(recipe.max_shard_size, f"{src}: max_shard_size")
+    _check_eval(recipe, train)
+    _check_report_to(recipe, train)
+    _check_cache_outside_output_dir(recipe)
+
+
+def _check_eval(recipe: Recipe, train: dict) -> None:
+    strategy = str(getattr(train.get("eval_strategy"), "value", train.get("eval_strategy") or "no"))
+    if strategy != "no" and not recipe.data.eval and recipe.data.eval_fraction == 0:
+        raise UserError(
+            f"{recipe.source}: train.eval_strategy is {strategy}, but the recipe has no eval data; add data.eval "
+            "sources or data.eval_fraction, or set train.eval_strategy: \"no\""
+        )
+
+
+def _check_report_to(recipe: Recipe, train: dict) -> None:
+    """Each `report_to` integration must be installed (the Trainer checks only when it is built)."""
+    from transformers.integrations import INTEGRATION_TO_CALLBACK, get_reporting_integration_callbacks
+
+    report_to = train_kwargs(recipe, train).get("report_to")
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    for name in names:
+        if name in ("none", "all"):
+            continue
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise UserError(f"{recipe.source}: train.report_to names {name!r}; expected any of "
+                            f"{', '.join(INTEGRATION_TO_CALLBACK)}, or [] for none")
+        try:
+            get_reporting_integration_callbacks([name])[0]()
+        except (RuntimeError, ImportError):
+            raise UserError(f"{recipe.source}: train.report_to names {name}, which is not installed; install it, or "
+                            f"remove it from train.report_to") from None
+
+
+def _check_cache_outside_output_dir(recipe: Recipe) -> None:
+    """--overwrite and --no-resume delete in output_dir: a data cache there would go with them."""
+    from sftdist.data.cache import cache_root
+
+    out, root = Path(recipe.output_dir).resolve(), cache_root(recipe).resolve()
+    if root == out or out in root.parents:
+        raise UserError(
+            f"{recipe.source}: the data cache {root} is inside output_dir {out}, where starting over would delete "
+            "it; set data.cache_dir (or $SFTDIST_CACHE) to a directory outside output_dir"
+        )
+
+
+def check_sequence_parallel(recipe: Recipe, config: Any) -> None:
+    """Ulysses gives each rank whole attention heads: sequence_parallel must divide them (DeepSpeed fails in
+    every rank otherwise, with a traceback each)."""
+    n = recipe.sequence_parallel
+    heads = getattr(config.get_text_config(), "num_attention_heads", None)
+    if n > 1 and isinstance(heads, int) and heads % n:
+        works = [str(k) for k in range(2, heads + 1) if heads % k == 0]
+        raise UserError(
+            f"{recipe.source}: sequence_parallel {n} does not divide the {heads} attention heads of "
+            f"{recipe.model.name_or_path} (each process takes whole heads); use one of {', '.join(works)}"
+        )
 
 
 def check_recipe(recipe: Recipe) -> None:
-    """All checks: values, the model's context, and that LoRA's target_modules match some layer."""
+    """All checks: values, the model's context, the attention implementation, and that LoRA's
+    target_modules match some layer."""
     check_values(recipe)
-    check_context(recipe, load_config(recipe))
+    config = load_config(recipe)
+    check_context(recipe, config)
+    check_sequence_parallel(recipe, config)
+    resolve_attention(recipe)
     if recipe.method in ("lora", "qlora"):
         with_lora(meta_model(recipe)[1], recipe)  # peft's own matching, on the meta device

@@ -39,6 +39,11 @@ def silence_libraries() -> None:
     logging.getLogger("DeepSpeed").addFilter(_BelowError())
     for name in ("bitsandbytes", "transformers.tokenization_utils_base"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # torchrun's agent logs every failed worker with its own ERROR line; `sftdist launch` reports the exit
+    # code itself, and a worker's user error is already its one `error:` line.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     for category in (FutureWarning, DeprecationWarning):
         warnings.filterwarnings("ignore", category=category)
     warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False")  # peft, on GPT-2's Conv1D
+    # accelerate, when another job holds its default port: it picks a free one itself (a clash is an error later).
+    warnings.filterwarnings("ignore", message="Port `.*` is already in use")

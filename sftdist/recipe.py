@@ -38,10 +38,16 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "save_total_limit": 3,
     "include_num_input_tokens_seen": "non_padding",
     "dataloader_drop_last": False,
+    # Every parameter of a causal LM (or of its adapter) gets a gradient: DDP's search for unused ones
+    # costs a graph traversal per step and prints a warning on every run.
+    "ddp_find_unused_parameters": False,
 }
 # The library defaults (TrainingArguments / SFTConfig) of the `train:` keys that sftdist itself reads
 # before any SFTConfig exists (the planner, the data report, the data cache).
-LIBRARY_DEFAULTS: dict[str, Any] = {"per_device_train_batch_size": 8, "shuffle_dataset": False, "ignore_data_skip": False}
+LIBRARY_DEFAULTS: dict[str, Any] = {
+    "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "shuffle_dataset": False,
+    "ignore_data_skip": False,
+}
 
 
 @dataclass
@@ -132,6 +138,10 @@ class Recipe:
     max_shard_size: str = "5GB"
     # Processes that share each sample (DeepSpeed Ulysses, see seqpar.py); data-parallel size = world / this.
     sequence_parallel: int = 1
+    # Sequences (packed rows) per optimizer step over all processes; null: per-device batch x
+    # train.gradient_accumulation_steps x data-parallel processes. When set, each run derives its
+    # accumulation from it, so the same recipe trains the same steps (and resumes) at any world size.
+    global_batch_size: int | None = None
     source: str = field(default="", metadata={"internal": True})
 
     def to_dict(self) -> dict[str, Any]:
@@ -155,6 +165,47 @@ class Recipe:
     @property
     def activation_checkpointing(self) -> bool:
         return bool(self.train_setting("activation_checkpointing"))
+
+
+# Keys that do not change what a run learns: how its global batch is expressed (the same run may say
+# `global_batch_size: 64` or `gradient_accumulation_steps: 2` on 32 processes; the global batch itself is checked
+# against the checkpoint), and how often it logs and saves (more frequent checkpoints after a preemption).
+_NOT_IDENTITY = ("global_batch_size", "gradient_accumulation_steps", "logging_steps", "logging_first_step",
+                 "save_steps", "save_total_limit", "report_to")
+
+
+def run_identity(recipe_dict: dict[str, Any]) -> dict[str, Any]:
+    """A saved or loaded recipe (as a mapping) without the keys that do not change what is learned: two
+    recipes with the same identity are the same run (checkpoint.py compares the global batch separately)."""
+    d = {k: v for k, v in recipe_dict.items() if k not in _NOT_IDENTITY}
+    d["train"] = {k: v for k, v in (d.get("train") or {}).items() if k not in _NOT_IDENTITY}
+    return d
+
+
+def accumulation(recipe: Recipe, world_size: int) -> int:
+    """Gradient accumulation steps of a run of `world_size` processes: the recipe's, or derived from
+    `global_batch_size`; a UserError naming the process counts that would work when none divides."""
+    b, sp = recipe.per_device_batch, recipe.sequence_parallel
+    n = recipe.global_batch_size
+    if n is None:
+        return recipe.train_setting("gradient_accumulation_steps")
+    src = recipe.source or "recipe"
+    if n % b:
+        raise UserError(f"{src}: global_batch_size {n} is not a multiple of train.per_device_train_batch_size {b}")
+    dp = world_size // sp
+    if dp and n % (b * dp) == 0 and world_size % sp == 0:
+        return n // (b * dp)
+    per_group = f" ({sp} per sample: sequence_parallel)" if sp > 1 else ""
+    works = [str(d * sp) for d in range(1, n // b + 1) if (n // b) % d == 0]
+    raise UserError(
+        f"{src}: global_batch_size {n} with per_device_train_batch_size {b} needs a number of processes{per_group} "
+        f"whose data-parallel share divides {n // b}: {', '.join(works)}; got {world_size}"
+    )
+
+
+def global_batch(recipe: Recipe, world_size: int) -> int:
+    """Sequences per optimizer step over `world_size` processes (sequence-parallel groups share theirs)."""
+    return recipe.per_device_batch * accumulation(recipe, world_size) * max(1, world_size // recipe.sequence_parallel)
 
 
 def _canonical(train: dict[str, Any]) -> dict[str, Any]:
@@ -342,12 +393,22 @@ def validate(recipe: Recipe) -> Recipe:
                 raise _choices_error(f"{src}: data.{kind}[{i}].format", s.format, FORMATS)
             if s.weight <= 0:
                 raise UserError(f"{src}: data.{kind}[{i}].weight is {s.weight}; expected a positive number")
+            if s.limit is not None and s.limit < 1:
+                raise UserError(f"{src}: data.{kind}[{i}].limit is {s.limit}; expected a positive number of rows "
+                                "(null: every row)")
     if not 0.0 <= recipe.data.eval_fraction < 1.0:
         raise UserError(f"{src}: data.eval_fraction is {recipe.data.eval_fraction}; expected 0 <= x < 1")
-    if recipe.data.max_length < 8:
-        raise UserError(f"{src}: data.max_length is {recipe.data.max_length}; expected at least 8")
-    if recipe.sequence_parallel < 1:
-        raise UserError(f"{src}: sequence_parallel is {recipe.sequence_parallel}; expected at least 1")
+    for key, value, least in (("data.max_length", recipe.data.max_length, 8), ("data.seed", recipe.data.seed, 0),
+                              ("data.num_proc", recipe.data.num_proc, 1),
+                              ("sequence_parallel", recipe.sequence_parallel, 1),
+                              ("global_batch_size", recipe.global_batch_size, 1)):
+        if value is not None and value < least:
+            raise UserError(f"{src}: {key} is {value}; expected at least {least}")
+    if recipe.global_batch_size is not None and "gradient_accumulation_steps" in recipe.train:
+        raise UserError(
+            f"{src}: global_batch_size and train.gradient_accumulation_steps are both set; keep global_batch_size "
+            "(each run derives its accumulation from it and the number of processes) and remove the other"
+        )
     from sftdist.data.templates import CHAT_TEMPLATES, PROMPT_TEMPLATES, training_families
 
     if recipe.data.template not in PROMPT_TEMPLATES:

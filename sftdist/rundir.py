@@ -8,6 +8,8 @@ that looks whole.
 - A directory that others write into in place (a checkpoint, written by every rank through the
   Trainer) carries a manifest of its files and sizes (`write_manifest`), checked before it is used
   (`check_manifest`).
+- The run's recipe and prompt style (`RUN_FILES`) go into every model directory the run writes, and
+  on into its exports (`copy_run_files`), so that each of them renders prompts as training did.
 
 A leaf module: every writer imports it, and it imports nothing of sftdist but errors.
 """
@@ -24,7 +26,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from sftdist.errors import UserError
+
 RECIPE_FILE = "sftdist_recipe.yaml"  # the resolved recipe, in output_dir and beside every model it writes
+PROMPT_FILE = "sftdist_prompt.json"  # how the run's prompts are rendered (prompt_style.py)
+RUN_FILES = (RECIPE_FILE, PROMPT_FILE)  # what travels with every model of a run: checkpoints, final/, exports
 MANIFEST = "sftdist_manifest.json"  # {relative path: size in bytes} of every file of a directory
 COMPLETE_MARKER = "sftdist_complete"  # a checkpoint every rank has finished (written after the manifest)
 FINAL_DIR = "final"
@@ -32,6 +38,7 @@ RUN_INFO = "sftdist_run.json"  # written last, once final/ is in place: the run 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 FSDP_SHARDS = "pytorch_model_fsdp_0"  # accelerate's folder of FSDP SHARDED_STATE_DICT model shards
 ADAPTER_CONFIG = "adapter_config.json"  # peft's
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's
 TRAINER_STATE = "trainer_state.json"  # the Trainer's
 # Tokenizer files that decide the tokens, and the generation config whose EOS ids end a generation.
 TOKENIZER_FILES = (
@@ -93,6 +100,7 @@ def build_beside(dest: Path, replace: bool = False, shared_by: str | None = None
     (a rebuilt cache entry, the final model, the tiny model). On any failure the sibling is removed
     and `dest` is left as it was. Leftovers of builds that died are removed first.
     """
+    created = [p for p in (dest.parent, *dest.parent.parents) if not p.exists()]  # deepest first
     dest.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(dest.parent, dest.name)
     tmp = partial_path(dest, shared_by)
@@ -105,7 +113,29 @@ def build_beside(dest: Path, replace: bool = False, shared_by: str | None = None
         os.rename(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for p in created:  # the parents this build made, while nothing else was put in them
+            with contextlib.suppress(OSError):
+                p.rmdir()
         raise
+
+
+def check_new_dir(dest: Path, what: str) -> None:
+    """Refuse, before any work, a `dest` that `build_beside` could not fill: a file or a non-empty
+    directory, a mount point (the final rename onto it fails with EBUSY), or a place this process
+    cannot write in (a read-only file system, no permission)."""
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise UserError(f"{what} {dest}: exists and is not empty; choose a new directory")
+    if dest.is_dir() and os.path.ismount(dest):
+        raise UserError(
+            f"{what} {dest}: is a mount point, which the result (built beside it, then renamed) cannot replace; "
+            "choose a new directory inside it"
+        )
+    parent = next(p for p in (dest.parent, *dest.parent.parents) if p.exists())
+    if not (parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)):
+        why = "not a directory" if not parent.is_dir() else "permission denied"
+        if parent.is_dir() and os.statvfs(parent).f_flag & os.ST_RDONLY:
+            why = "read-only file system"
+        raise UserError(f"{what} {dest}: cannot be created in {parent} ({why}); choose a writable place")
 
 
 def write_manifest(directory: Path) -> None:
@@ -143,6 +173,14 @@ def run_file(model_dir: Path, name: str) -> Path | None:
         if (d / name).is_file():
             return d / name
     return None
+
+
+def copy_run_files(src: Path, dst: Path) -> None:
+    """Copy the run's files (`RUN_FILES`) of `src`, a model directory or a run's output_dir, into `dst`."""
+    for name in RUN_FILES:
+        f = run_file(src, name)
+        if f is not None:
+            shutil.copy2(f, dst / name)
 
 
 def copy_tokenizer(src: Path, dst: Path) -> None:

@@ -7,6 +7,7 @@ shards and the `model.safetensors.index.json` the way `save_pretrained` does.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Iterator
@@ -61,11 +62,23 @@ def tensor_specs(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     """name -> (shape, torch dtype name) of every tensor in a weight file, without reading the data."""
     if path.suffix == ".bin":
         return {name: (tuple(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in shard_tensors(path)}
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return {k: (tuple(v["shape"]), DTYPE_NAMES.get(v["dtype"], v["dtype"])) for k, v in header.items()}
+    with _open(path) as f:
+        slices = {k: f.get_slice(k) for k in f.keys()}
+        return {k: (tuple(s.get_shape()), DTYPE_NAMES.get(s.get_dtype(), s.get_dtype())) for k, s in slices.items()}
+
+
+@contextlib.contextmanager
+def _open(path: Path, **kwargs: Any) -> Iterator[Any]:
+    """safetensors' reader, which checks the header and that the data covers the whole file; a file
+    cut short (or not safetensors at all) is a one-line error naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        f = safe_open(path, framework="pt", **kwargs)
+    except SafetensorError as e:
+        raise UserError(f"{path}: not a whole safetensors file ({e}); was it cut short?") from None
+    with f:
+        yield f
 
 
 def shard_tensors(path: Path, names: list[str] | None = None) -> Iterator[tuple[str, Any]]:
@@ -78,10 +91,8 @@ def shard_tensors(path: Path, names: list[str] | None = None) -> Iterator[tuple[
         for name in names or list(state):
             yield name, state[name]
         return
-    from safetensors import safe_open
-
     # pread instead of the default mmap: mapped pages would stay in RSS until the file closes.
-    with safe_open(path, framework="pt", backend="pread") as f:
+    with _open(path, backend="pread") as f:
         for name in names or f.keys():
             yield name, f.get_tensor(name)
 

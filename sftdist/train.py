@@ -11,6 +11,7 @@ collator gives each packed sample its own position_ids.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
@@ -18,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from sftdist import checkpoint, distributed, fast_head, preflight, seqpar, throughput
 from sftdist.errors import EXIT_PREEMPTED, UserError
-from sftdist.recipe import Recipe, train_kwargs, typed_train
+from sftdist.recipe import Recipe, accumulation, train_kwargs, typed_train
+from sftdist.resume import data_fingerprint, planned
 from sftdist.rundir import FINAL_DIR, RUN_INFO, write_json_atomic
 
 if TYPE_CHECKING:
@@ -46,6 +48,7 @@ def build_sft_config(recipe: Recipe) -> Any:
         **train,
         **hardware,
         **seqpar.training_overrides(recipe),
+        "gradient_accumulation_steps": accumulation(recipe, distributed.world_size()),
         "output_dir": recipe.output_dir,
         "max_length": recipe.data.max_length,
         "packing": recipe.data.packing,
@@ -68,14 +71,17 @@ def build_trainer(recipe: Recipe, args: Any, tokenizer: Any, data: Prepared, mod
 
     from sftdist.model import lora_config
 
-    trainer = checkpoint.make_trainer_class(SFTTrainer, recipe.max_shard_size)(
-        model=model,
-        args=args,
-        train_dataset=data.train,
-        eval_dataset=data.eval,
-        processing_class=tokenizer,
-        peft_config=lora_config(recipe) if recipe.method in ("lora", "qlora") else None,
-    )
+    try:
+        trainer = checkpoint.make_trainer_class(SFTTrainer, recipe.max_shard_size)(
+            model=model,
+            args=args,
+            train_dataset=data.train,
+            eval_dataset=data.eval,
+            processing_class=tokenizer,
+            peft_config=lora_config(recipe) if recipe.method in ("lora", "qlora") else None,
+        )
+    except ValueError as e:  # the Trainer's own checks of its settings, made when it is built
+        raise UserError(f"{recipe.source}: the trainer refuses these train settings ({str(e).splitlines()[0]})") from None
     fast_head.install(trainer)  # CPU: trl's fused head scores every position and attends across the flat batch
     seqpar.install(trainer, recipe)  # sequence parallelism: the loss and resume that single training has
     distributed.install_callbacks(trainer)
@@ -85,27 +91,32 @@ def build_trainer(recipe: Recipe, args: Any, tokenizer: Any, data: Prepared, mod
 
 def run_training(recipe: Recipe, resume: bool = True, overwrite: bool = False) -> Path:
     """Train the recipe in this process (one rank of a launch) and return the final model directory."""
+    from sftdist.data.cache import fingerprint_inputs
     from sftdist.data.pipeline import prepare
     from sftdist.model import load_model, load_tokenizer
 
-    # Every setting, before output_dir is touched; before the SFTConfig too, whose DeepSpeed ZeRO-3
-    # config would make transformers build preflight's meta-device model as ZeRO-3 partitions.
-    preflight.check_recipe(recipe)
-    args = build_sft_config(recipe)
-    run_lock = checkpoint.lock_output_dir(recipe, args)  # rank 0: a second run on output_dir stops here
-    finished = checkpoint.finished_run(recipe, resume=resume, overwrite=overwrite)
-    if finished is not None:
-        if run_lock is not None:
-            print(f"sftdist: {recipe.output_dir} is a finished run of this recipe ({finished}); nothing to do "
-                  "(--no-resume trains it again)", flush=True)
-            run_lock.release()
-        return finished
-    tokenizer = load_tokenizer(recipe)
-    data = prepare(recipe, lambda: tokenizer)
-    model = load_model(recipe, tokenizer)
-    resume_from = checkpoint.prepare_output_dir(recipe, args, resume=resume, overwrite=overwrite)
-
-    trainer = build_trainer(recipe, args, tokenizer, data, model)
+    with distributed.reported_once():  # a refusal every rank makes alike is printed once per node
+        # Every setting, before output_dir is touched; before the SFTConfig too, whose DeepSpeed ZeRO-3
+        # config would make transformers build preflight's meta-device model as ZeRO-3 partitions.
+        preflight.check_recipe(recipe)
+        args = build_sft_config(recipe)
+        run_lock = checkpoint.lock_output_dir(recipe, args)  # rank 0: a second run on output_dir stops here
+        tokenizer = functools.cache(lambda: load_tokenizer(recipe))
+        # What this run is, and what it does with output_dir: decided before any heavy work, carried out
+        # (claim_output_dir) only once the trainer exists, so that no check in between leaves a trace there.
+        facts = planned(recipe, data_fingerprint(fingerprint_inputs(recipe, tokenizer)))
+        claim = checkpoint.decide(recipe, facts, resume=resume, overwrite=overwrite)
+        if claim.action == "finished":
+            if run_lock is not None:
+                print(f"sftdist: {recipe.output_dir} is a finished run of this recipe ({claim.checkpoint}); nothing "
+                      "to do (--no-resume trains it again)", flush=True)
+                run_lock.release()
+            return claim.checkpoint
+        data = prepare(recipe, tokenizer)
+        model = load_model(recipe, tokenizer())
+        trainer = build_trainer(recipe, args, tokenizer(), data, model)
+        trainer.sftdist_facts = facts
+        resume_from = checkpoint.claim_output_dir(trainer, recipe, claim)
     state = distributed.verified_state(trainer)
     if trainer.is_world_process_zero():
         print(f"sftdist: {json.dumps(state)}", flush=True)

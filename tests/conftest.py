@@ -62,11 +62,23 @@ def copy_run(run: Path, recipe: Path, dest: Path) -> Path:
     return new
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600):
-    """Run the real `sftdist` CLI in a subprocess (as a user would) and return the CompletedProcess."""
+def decide(recipe, resume: bool = True, overwrite: bool = False):
+    """`checkpoint.decide` for `recipe` as a one-process `sftdist train` of it would call it."""
+    from sftdist import checkpoint
+    from sftdist.data.cache import fingerprint_inputs
+    from sftdist.model import load_tokenizer
+    from sftdist.resume import data_fingerprint, planned
+
+    facts = planned(recipe, data_fingerprint(fingerprint_inputs(recipe, lambda: load_tokenizer(recipe))))
+    return checkpoint.decide(recipe, facts, resume=resume, overwrite=overwrite)
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600, prefix: tuple = ()):
+    """Run the real `sftdist` CLI in a subprocess (as a user would) and return the CompletedProcess;
+    `prefix` is a command that runs it (e.g. `unshare ...` for a mount namespace of its own)."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "sftdist", *args],
+        [*prefix, sys.executable, "-m", "sftdist", *args],
         cwd=cwd or REPO,
         env=full_env,
         capture_output=True,

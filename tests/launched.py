@@ -1,11 +1,11 @@
-"""Real 2-process `sftdist launch` runs on CPU, shared by the strategy tests (test_distributed) and
-the checkpoint tests under each strategy (test_distributed_checkpoints): each (method, strategy)
-trains once per test session.
+"""Real 2-process `sftdist launch` runs on CPU, shared by the strategy tests (test_distributed), the
+checkpoint tests under each strategy (test_distributed_checkpoints) and the resumes at another number
+of processes (test_resume_world_size): each (method, strategy) trains once per test session.
 
-Every run trains the same recipe with the same global batch of 4 sequences per optimizer step:
-`single` is 1 process x batch 2 x accumulation 2; `ddp` is 2 processes x batch 1 x accumulation 2
-(so the loss normalisation across processes and accumulation steps is compared with one process);
-the others are 2 processes x batch 2. Each saves a
+Every run trains the same recipe with `global_batch_size: 4` (sequences per optimizer step), and each
+derives its accumulation: `single` is 1 process x batch 2 x accumulation 2; `ddp` is 2 processes x
+batch 1 x accumulation 2 (so the loss normalisation across processes and accumulation steps is
+compared with one process); the others are 2 processes x batch 2. Each saves a
 checkpoint at steps 2 and 4 (SAVE_STEPS), so that resume and export are tested on what the strategy
 really writes.
 """
@@ -23,6 +23,7 @@ from conftest import run_cli
 
 STEPS = 4
 SAVE_STEPS = 2
+GLOBAL_BATCH = 4
 # How far a run may be from the same run in one process (the reasons are in test_distributed's docstring).
 LOSS_ATOL = 1e-4
 WEIGHT_ATOL = 1e-4
@@ -30,18 +31,18 @@ WEIGHT_ATOL = 1e-4
 _runs: dict[tuple[str, str], Path] = {}
 
 
-def write_recipe(path: Path, model: Path, data: Path, method: str, accumulation: int, output_dir: Path,
-                 batch: int = 2) -> None:
+def write_recipe(path: Path, model: Path, data: Path, method: str, output_dir: Path, batch: int = 2) -> None:
     recipe = {
         "model": {"name_or_path": str(model)},
         "method": method,
+        # Each launch derives its accumulation: 1 process x batch 2 -> 2; 2 x 1 -> 2; 2 x 2 -> 1.
+        "global_batch_size": GLOBAL_BATCH,
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
         "data": {"train": [{"path": str(data)}], "max_length": 64},
         "train": {
             "max_steps": STEPS,
             "save_steps": SAVE_STEPS,
             "per_device_train_batch_size": batch,
-            "gradient_accumulation_steps": accumulation,
             "learning_rate": 5e-3 if method != "full" else 1e-3,
             "lr_scheduler_type": "constant",
             "logging_steps": 1,
@@ -70,8 +71,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, data: Pa
     key = (method, strategy)
     if key not in _runs:
         root = tmp_path_factory.mktemp(f"{method}-{strategy}")
-        batch, accumulation = {"single": (2, 2), "ddp": (1, 2)}.get(strategy, (2, 1))
-        write_recipe(root / "recipe.yaml", tiny_model, data, method, accumulation, root / "run", batch)
+        batch = 1 if strategy == "ddp" else 2
+        write_recipe(root / "recipe.yaml", tiny_model, data, method, root / "run", batch)
         # A data cache of its own, so that each launch builds its entry (test_cache reads the log).
         proc = launch(root / "recipe.yaml", strategy, env={"SFTDIST_CACHE": str(root / "cache")})
         (root / "launch.log").write_text(proc.stdout)

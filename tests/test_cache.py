@@ -160,24 +160,43 @@ def test_a_build_killed_midway_is_never_used_and_the_next_run_rebuilds(tmp_path,
     proc.wait()
     entries = [p for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".")]
     assert entries == [] and any(p.name.startswith(".") for p in cache.iterdir())
+    # Another recipe's entry (a small one) built in the same cache removes the dead build's hidden folder too.
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(rows.splitlines(keepends=True)[:50]))
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump(_recipe(tiny_model, small, cache)))
+    assert run_cli("prepare", str(other)).returncode == 0
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")]
     again = run_cli("prepare", str(recipe))
     assert again.returncode == 0, again.stderr
     assert "data cache built" in again.stdout
-    (entry,) = [p for p in cache.iterdir() if p.is_dir()]  # the killed build's leftovers are gone
+    entry = Path(again.stdout.split("cache entry: ")[1].split()[0])
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # the killed build's leftovers are gone
     assert verify(entry) and "rows: 34400, kept 34400" in again.stdout
 
 
-def test_a_corrupt_entry_is_rebuilt_with_a_warning(tmp_path, tiny_model, demo_rows):
+def _cut(data: bytes) -> bytes:
+    return data[:-100]
+
+
+def _flipped(data: bytes) -> bytes:
+    """The same size, eight bytes of token ids inverted: only a checksum tells."""
+    mid = len(data) // 2
+    return data[:mid] + bytes(255 - b for b in data[mid : mid + 8]) + data[mid + 8 :]
+
+
+@pytest.mark.parametrize("damage, why", [(_cut, "train.arrow has "), (_flipped, "train.arrow does not match its checksum")])
+def test_a_corrupt_entry_is_rebuilt_with_a_warning(tmp_path, tiny_model, demo_rows, damage, why):
     raw = _recipe(tiny_model, demo_rows, tmp_path / "cache")
     first = _prepare(raw)
     entry, good = first.entry, _columns(first.train)
     train = entry / TRAIN_FILE
-    train.write_bytes(train.read_bytes()[:-100])
+    train.write_bytes(damage(train.read_bytes()))
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(raw))
     proc = run_cli("prepare", str(recipe))
     assert proc.returncode == 0, proc.stderr
-    assert f"warning: data cache entry {entry} is incomplete or corrupt; rebuilding it" in proc.stderr
+    assert f"warning: data cache entry {entry} is incomplete or corrupt ({why}" in proc.stderr
     assert "data cache built" in proc.stdout
     assert _columns(_prepare(raw).train) == good
 
@@ -260,3 +279,33 @@ def test_train_shuffle_dataset_shuffles_the_same_samples_with_the_seed(tmp_path,
     in_order, shuffled = rows(), rows(shuffle_dataset=True)
     assert shuffled != in_order and sorted(shuffled) == sorted(in_order)
     assert rows(shuffle_dataset=True) == shuffled  # from data.seed: the same order every time
+
+
+def test_held_out_samples_are_never_trained_on_when_a_weight_repeats_them(tmp_path, tiny_model, demo_rows):
+    """The eval split is drawn from the distinct samples first; the weight then repeats what is left."""
+    raw = _recipe(tiny_model, demo_rows, tmp_path / "cache", packing=False, eval_fraction=0.25)
+    raw["data"]["train"][0]["weight"] = 2.0
+    data = _prepare(raw)
+    train = [tuple(ids) for ids in data.train["input_ids"]]
+    held = [tuple(ids) for ids in data.eval["input_ids"]]
+    assert len(set(train) | set(held)) == 64  # the demo rows are distinct samples
+    assert len(held) == len(set(held)) == 16 and not set(held) & set(train)
+    assert len(train) == 2 * 48 and all(train.count(t) == 2 for t in set(train))
+
+
+def test_a_source_whose_every_sample_is_held_out_is_refused_by_name():
+    from sftdist.data.mix import split_and_weight
+    from sftdist.errors import UserError
+
+    outcomes = []
+    for seed in range(8):  # one sample in four is held out: sometimes the one-sample source's
+        try:
+            train, held = split_and_weight([1, 3], [1.0, 2.0], ["a.jsonl", "b.jsonl"], 0.25, False, seed, "r.yaml")
+            outcomes.append((sorted(train.tolist()), held.tolist()))
+        except UserError as e:
+            assert str(e) == ("r.yaml: data.eval_fraction=0.25 holds out all 1 samples of a.jsonl, leaving none to "
+                              "train on; lower it or add data")
+            outcomes.append(None)
+    assert None in outcomes
+    for train, held in filter(None, outcomes):  # b's samples twice, the held-out one never
+        assert len(held) == 1 and held[0] not in train and train == sorted([0] + [i for i in (1, 2, 3) if i != held[0]] * 2)

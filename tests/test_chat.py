@@ -185,7 +185,11 @@ def test_per_turn_loss_weight_and_train_flags(tok):
 
 @pytest.mark.parametrize("turn, message", [
     ({"role": "assistant", "content": "a", "loss_weight": 0.5}, "loss_weight is 0.5; only 0 or 1 is supported"),
+    ({"role": "assistant", "content": "a", "weight": 2}, "weight is 2; only 0 or 1 is supported"),
+    ({"role": "assistant", "content": "a", "weight": 0, "train": True}, r"has loss flags that disagree \(weight: 0, train: True\)"),
     ({"role": "user", "content": "a", "train": True}, "is a user turn marked to carry loss; only assistant turns can"),
+    ({"role": "user", "content": [{"type": "reasoning", "value": "hm"}]},
+     r"content\[0\] is a reasoning part in a user turn; only assistant turns hold reasoning"),
 ])
 def test_per_turn_loss_refusals(turn, message):
     row = {"messages": [turn, {"role": "assistant", "content": "b"}]}
@@ -216,12 +220,44 @@ def test_qwen3_reasoning_turns_use_trl_training_template(qwen3):
 
 
 def test_llama3_turns_use_trl_training_template(llama3):
-    assert marked(llama3, REASONING) == (
+    plain = {"messages": [{k: v for k, v in m.items() if k in ("role", "content")} for m in REASONING["messages"]]}
+    assert marked(llama3, plain) == (
         "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n2+2?<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n[[4<|eot_id|>]]"
         "<|start_header_id|>user<|end_header_id|>\n\n3+3?<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n[[6<|eot_id|>]]"
     )
+
+
+def test_template_that_drops_reasoning_is_refused(llama3):
+    """Llama 3's template has no place for reasoning: training without it would be silent loss."""
+    with pytest.raises(UserError, match=r"^f.jsonl line 1: trl's llama3 training template does not render reasoning "
+                       r"\('add them' is missing\); set data.chat_template to one that does"):
+        marked(llama3, REASONING)
+
+
+# A template without generation markers whose generation prompt ends in `<think>\n\n` (axolotl's Qwen3
+# layout): the prompt is not a prefix of a turn that renders `<think>\nreasoning`.
+THINK_PROMPT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}{% if m['role'] == 'assistant' %}"
+    "{{ '<think>\\n' + (m.get('reasoning_content') or '') + '\\n</think>\\n\\n' + m['content'] + eos_token }}"
+    "{% else %}{{ m['content'] + '<|im_end|>' }}{% endif %}{{ '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n<think>\\n\\n' }}{% endif %}"
+)
+
+
+def test_loss_starts_where_the_generation_prompt_and_the_turn_part(tok):
+    """The prefix fallback starts the loss at the common prefix: the whole reasoning is trained."""
+    saved = tok.chat_template
+    tok.chat_template = THINK_PROMPT_TEMPLATE
+    try:
+        row = {"messages": [*REASONING["messages"][:3], {"role": "assistant", "content": "6"}]}
+        assert marked(tok, row) == (
+            "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n<think>\n[[add them\n</think>\n\n4</s>\n]]"
+            "<|im_start|>user\n3+3?<|im_end|>\n<|im_start|>assistant\n<think>\n\n[[</think>\n\n6</s>\n]]"
+        )
+    finally:
+        tok.chat_template = saved
 
 
 def test_unknown_template_that_is_not_prefix_stable_is_refused(tok):
@@ -232,7 +268,7 @@ def test_unknown_template_that_is_not_prefix_stable_is_refused(tok):
     )
     try:
         with pytest.raises(UserError, match="does not render conversations prefix by prefix"):
-            marked(tok, REASONING)
+            marked(tok, {"messages": [{k: m[k] for k in ("role", "content")} for m in REASONING["messages"]]})
     finally:
         tok.chat_template = saved
 
@@ -272,14 +308,6 @@ def test_dpo_chosen_and_kto_good_select_what_trains(tok):
     r = render_rows(KTO, ["line 1", "line 2"], "kto_good", "default", "f.jsonl")
     assert r.format == "prompt_completion" and [e.completion for e in r.examples] == ["Hello!"]
     assert r.dropped == {"labelled bad": 1}
-
-
-# --- no silent drops -----------------------------------------------------------------------------------
-def test_ignored_columns_are_named_once_per_source(capsys):
-    rows = [{"instruction": "a", "response": "b", "category": "qa", "id": 1}]
-    for _ in range(2):  # the pipeline renders a source in chunks: still one warning
-        render_rows(rows, ["line 1"], "auto", "default", "ignored-cols.jsonl")
-    assert capsys.readouterr().err == "warning: ignored-cols.jsonl: ignoring columns category, id\n"
 
 
 # --- end to end through the CLI -----------------------------------------------------------------------
@@ -333,7 +361,8 @@ def test_show_prints_samples_with_loss_marked(tmp_path, tiny_model, chat_sources
 def test_every_chat_layout_trains_and_generate_uses_the_chat_template(tmp_path, tiny_model, chat_sources, method):
     from transformers import AutoTokenizer
 
-    from sftdist.generate import _trained_recipe, read_prompts
+    from sftdist.generate import read_prompts
+    from sftdist.prompt_style import read as read_style
 
     alpaca = {"path": write_jsonl(tmp_path / "alpaca.jsonl", [ALPACA_HISTORY])}
     kto = {"path": write_jsonl(tmp_path / "kto.jsonl", KTO), "format": "kto_good"}
@@ -347,8 +376,141 @@ def test_every_chat_layout_trains_and_generate_uses_the_chat_template(tmp_path, 
     if method == "full":  # the KTO row labelled bad
         assert f"warning: dropped 1 of 2 rows of {kto['path']}: 1 labelled bad" in proc.stderr
     tokenizer = AutoTokenizer.from_pretrained(final)
-    (prompt,) = read_prompts(None, ["Weather in Paris?"], _trained_recipe(final), tokenizer)
+    (prompt,) = read_prompts(None, ["Weather in Paris?"], read_style(final), tokenizer)
     if method == "lora":  # trained on chat only: the prompt is a user turn of the chat template
         assert tokenizer.decode(prompt.ids) == "<s><|im_start|>user\nWeather in Paris?<|im_end|>\n<|im_start|>assistant\n"
     else:  # mixed with instruction rows: the prompt template
         assert tokenizer.decode(prompt.ids) == "<s>### Instruction:\nWeather in Paris?\n\n### Response:\n"
+
+
+# --- files real exporters write; what the warnings and --show say --------------------------------------
+def _part(kind: str, value: str) -> dict:
+    return {"type": kind, "value": value}
+
+
+# LLaMA-Factory v1's layout (their converters' output, and the layout of their demo sets
+# llamafactory/v1-sft-demo and llamafactory/reason-tool-use-demo-1500): typed parts {type, value},
+# reasoning and tool_call parts, a float loss_weight on every turn, tools as a JSON string.
+LF_SFT = {"messages": [{"role": "user", "content": [_part("text", "Name a colour.")], "loss_weight": 0.0},
+                       {"role": "assistant", "content": [_part("text", "Blue.")], "loss_weight": 1.0}]}
+LF_TOOLS = {
+    "messages": [
+        {"role": "user", "content": [_part("text", "What is 6*8?")], "loss_weight": 0.0},
+        {"role": "assistant", "loss_weight": 1.0, "content": [
+            _part("reasoning", "I need to multiply."),
+            _part("tool_call", json.dumps({"name": "multiply", "arguments": {"a": 6, "b": 8}})),
+        ]},
+        {"role": "tool", "content": [_part("text", "48")], "loss_weight": 0.0},
+        {"role": "assistant", "content": [_part("reasoning", "Done."), _part("text", "6*8 is 48.")], "loss_weight": 1.0},
+    ],
+    "tools": json.dumps([{"type": "function", "function": {"name": "multiply", "parameters": {"type": "object"}}}]),
+}
+EMPTY_MID = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""},
+                          {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye"}]}
+OPENAI_WEIGHT = {"messages": [  # OpenAI's fine-tuning layout: `weight` per assistant message
+    {"role": "user", "content": "Hi", "name": "ann"}, {"role": "assistant", "content": "Hello", "weight": 0},
+    {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye", "weight": 1, "refusal": None},
+]}
+HELLO = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+WORDS = " ".join(["one two three four five"] * 30)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> dict[str, str]:
+    d = tmp_path_factory.mktemp("exported")
+    bom = b"\xef\xbb\xbf"  # Windows tools start UTF-8 files with it
+    (d / "bom.jsonl").write_bytes(bom + json.dumps({"instruction": "Say hi.", "response": "Hi."}).encode() + b"\n")
+    (d / "one.json").write_bytes(bom + json.dumps({"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}, indent=2).encode())  # ONE conversation object
+    return {
+        "lf-sft": write_jsonl(d / "lf-sft.jsonl", [LF_SFT]),
+        "lf-tools": write_jsonl(d / "lf-tools.jsonl", [LF_TOOLS]),
+        "bom": str(d / "bom.jsonl"),
+        "one": str(d / "one.json"),
+        "empty-mid": write_jsonl(d / "empty-mid.jsonl", [{**EMPTY_MID, "id": 1}, {"messages": HELLO, "id": 2}]),
+        "weight": write_jsonl(d / "weight.jsonl", [OPENAI_WEIGHT]),
+        "long": write_jsonl(d / "long.jsonl", [  # kept, cut at max_length, cut to nothing to learn
+            {"instruction": "Count.", "response": "one"}, {"instruction": "Count.", "response": WORDS},
+            {"instruction": WORDS, "response": "five"},
+        ]),
+    }
+
+
+def _data_recipe(d: Path, model: Path, paths: list[str], **data) -> str:
+    raw = {"model": {"name_or_path": str(model)}, "data": {"train": [{"path": p} for p in paths], **data},
+           "output_dir": str(d / "run")}
+    (d / "recipe.yaml").write_text(yaml.safe_dump(raw))
+    return str(d / "recipe.yaml")
+
+
+def test_show_masks_what_training_sees_for_exported_layouts(tmp_path, tiny_model, exported):
+    keys = ["lf-sft", "lf-tools", "bom", "one", "empty-mid", "weight", "long"]
+    recipe = _data_recipe(tmp_path, tiny_model, [exported[k] for k in keys], max_length=256, truncate=True)
+    proc = run_cli("data", recipe, "--show", "3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n[[Blue.</s>]]\n" in out
+    assert ('<|im_start|>assistant\n[[<think>\nI need to multiply.\n</think>\n<tool_call>\n{"name": "multiply", '
+            '"arguments": {"a": 6, "b": 8}}\n</tool_call></s>]]\n<|im_start|>tool\n48<|im_end|>\n'
+            "<|im_start|>assistant\n[[<think>\nDone.\n</think>\n6*8 is 48.</s>]]") in out
+    assert "### Instruction:\nSay hi.\n\n### Response:\n[[Hi.</s>]]" in out  # the byte-order mark is not text
+    assert f"=== train source {exported['one']} (format: sharegpt)\n--- sample 1: " in out
+    # The empty turn and the weight-0 turn carry no loss; what follows them does.
+    assert "<|im_start|>assistant\n</s>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n[[Goodbye</s>]]" in out
+    assert "<|im_start|>assistant\nHello</s>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n[[Goodbye</s>]]" in out
+    long = out.split(f"=== train source {exported['long']}")[1]
+    assert "--- sample 2: 256 tokens of 317 (truncated to max_length 256), " in long
+    assert "--- sample 3: 316 tokens, dropped in training: no loss-carrying token within max_length 256\n" in long
+
+
+def test_warnings_count_each_row_once_and_come_back_on_every_run(tmp_path, tiny_model, exported):
+    recipe = _data_recipe(tmp_path, tiny_model, [exported[k] for k in ("empty-mid", "weight", "long")],
+                          max_length=256, truncate=True)
+    runs = [run_cli("data", "--check", recipe) for _ in range(2)]  # the second reads the cache entry
+    expected = [
+        f"warning: {exported['empty-mid']}: ignoring column id",
+        f"warning: kept all 2 rows of {exported['empty-mid']} with changes: 1 empty assistant turn(s) left out of the loss",
+        f"warning: {exported['weight']}: ignoring key inside turns: name (in 1 turn)",
+        f"warning: dropped 1 of 3 rows of {exported['long']}: 1 no loss-carrying token within max_length 256; "
+        "kept with changes: 1 truncated to max_length 256",
+    ]
+    for proc in runs:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout == "ok: 3 sources, 5 samples pass every check\n"
+        assert proc.stderr.splitlines() == expected
+
+
+def test_generate_says_which_prompts_file_rows_it_skips(tmp_path, tiny_model):
+    rows = [{"instruction": "Say hi.", "response": "Hi."}, {"instruction": "Say bye.", "response": ""}]
+    proc = run_cli("generate", str(tiny_model), "--prompts-file", write_jsonl(tmp_path / "p.jsonl", rows),
+                   "--max-new-tokens", "1", "--greedy")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr == f"warning: dropped 1 of 2 rows of {tmp_path / 'p.jsonl'}: 1 empty response\n"
+    assert "--- prompt 1: " in proc.stdout and "--- prompt 2" not in proc.stdout
+
+
+def test_work_on_a_long_conversation_is_bounded_by_max_length(tok):
+    """10,000 turns rendered prefix by prefix took minutes before being dropped; past max_length no turn
+    is located, and a cut conversation's mask is the one of the whole conversation, cut."""
+    import time
+
+    from sftdist.data.chat import encode_chat
+    from sftdist.data.templates import CHATML_TEXT
+
+    def chat(n: int):
+        turns = [{"role": r, "content": f"{r} {i}"} for i in range(n) for r in ("user", "assistant")]
+        return render_rows([{"messages": turns}], ["line 1"], "auto", "default", "f.jsonl").examples[0]
+
+    saved = tok.chat_template
+    tok.chat_template = CHATML_TEXT  # no generation markers: the prefix-by-prefix fallback
+    try:
+        start = time.perf_counter()
+        dropped = Encoder(tok, 256, "completion", False, stop_token_ids(tok)).encode([chat(5000)], "f.jsonl")
+        cut = Encoder(tok, 256, "completion", True, stop_token_ids(tok)).encode([chat(5000)], "f.jsonl")
+        took = time.perf_counter() - start
+        assert dropped.dropped == {"longer than max_length 256": 1} and not dropped.input_ids
+        assert cut.truncated == 1 and len(cut.input_ids[0]) == 256
+        assert took < 20, f"{took:.0f} s"
+        ids, mask = encode_chat(tok, chat(40), stop_token_ids(tok), "f.jsonl")  # unbounded
+        assert len(ids) > 256 and (cut.input_ids[0], cut.completion_mask[0]) == (ids[:256], mask[:256])
+    finally:
+        tok.chat_template = saved

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, copy_run, run_cli
+from conftest import REPO, copy_run, decide, run_cli
 from sftdist import checkpoint, rundir
 from sftdist.errors import EXIT_PREEMPTED, UserError
 from sftdist.lock import LOCK_FILE
@@ -61,7 +61,10 @@ def uninterrupted(tmp_path_factory, tiny_model):
 def test_checkpoints_are_marked_complete(uninterrupted):
     _, run = uninterrupted
     for step in (3, 6):
-        assert json.loads((run / f"checkpoint-{step}" / COMPLETE_MARKER).read_text()) == {"global_step": step}
+        marker = json.loads((run / f"checkpoint-{step}" / COMPLETE_MARKER).read_text())
+        # The run that wrote it, for a resume at another world size (sftdist/resume.py).
+        assert (marker["global_step"], marker["world_size"], marker["global_batch"]) == (step, 1, 4)
+        assert (marker["distributed_type"], marker["gradient_accumulation_steps"]) == (None, 1)
         assert (run / f"checkpoint-{step}" / "optimizer.pt").is_file()
         assert (run / f"checkpoint-{step}" / "model.safetensors.index.json").is_file()
         assert len(list((run / f"checkpoint-{step}").glob("model-*.safetensors"))) >= 3  # max_shard_size
@@ -96,13 +99,13 @@ def test_damaged_checkpoints_fall_back_and_none_left_is_one_line(tmp_path, unint
     copy = tmp_path / "copy"
     recipe = load_recipe(copy_run(run, r, copy))
     (copy / "checkpoint-6" / "scheduler.pt").unlink()
-    action, ckpt, warnings = checkpoint._decide(recipe, resume=True, overwrite=False)
-    assert (action, ckpt) == ("resume", copy / "checkpoint-3")
-    assert warnings == [f"warning: {copy / 'checkpoint-6'}: scheduler.pt is missing; falling back to checkpoint-3"]
+    claim = decide(recipe)
+    assert (claim.action, claim.checkpoint) == ("resume", copy / "checkpoint-3")
+    assert claim.warnings == [f"warning: {copy / 'checkpoint-6'}: scheduler.pt is missing; falling back to checkpoint-3"]
     state = copy / "checkpoint-3" / "trainer_state.json"
     state.write_text(state.read_text()[:-10])
     with pytest.raises(UserError) as e:
-        checkpoint._decide(recipe, resume=True, overwrite=False)
+        decide(recipe)
     assert str(e.value) == (
         f"{copy}: no checkpoint can be resumed ({copy / 'checkpoint-6'}: scheduler.pt is missing; "
         f"{copy / 'checkpoint-3'}: trainer_state.json has {state.stat().st_size} bytes, "
@@ -141,10 +144,54 @@ def test_other_recipe_in_output_dir_is_refused(tmp_path, uninterrupted):
     other = tmp_path / "other.yaml"
     other.write_text(yaml.safe_dump(raw))
     before = sorted(p.name for p in run.iterdir())
-    proc = run_cli("train", str(other))
+    cache = tmp_path / "cache"
+    proc = run_cli("train", str(other), env={"SFTDIST_CACHE": str(cache)})
     assert proc.returncode == 2
     assert "holds another recipe's run" in proc.stderr and "--overwrite" in proc.stderr
     assert sorted(p.name for p in run.iterdir()) == before
+    assert not cache.exists()  # refused before any data was prepared (it used to be after data and model)
+
+
+def test_starting_over_removes_only_what_sftdist_wrote(tmp_path, uninterrupted):
+    """--no-resume used to delete every file of output_dir whose name starts with `final`."""
+    r, run = uninterrupted
+    copy = tmp_path / "copy"
+    r2 = copy_run(run, r, copy)
+    mine = {"final_eval.json": "{}", "finalists.txt": "a\nb\n", "final_report.md": "# report\n"}
+    for name, text in mine.items():
+        (copy / name).write_text(text)
+    (copy / ".final.partial-ranks").mkdir()  # a final save killed midway: sftdist's own leftover
+    proc = run_cli("train", str(r2), "--no-resume")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resuming" not in proc.stdout
+    assert {name: (copy / name).read_text() for name in mine} == mine
+    assert not (copy / ".final.partial-ranks").exists()
+    assert losses(copy) == losses(run)  # trained again from the start
+
+
+def test_a_checkpoint_without_optimizer_state_resumes_on_schedule_and_says_so(tmp_path, tiny_model):
+    """`train.save_only_model: true` checkpoints hold no optimizer or scheduler: the resume used to restart the
+    learning rate from its first step, silently."""
+    r = recipe(tmp_path, tiny_model, max_steps=6)
+    raw = yaml.safe_load(r.read_text())
+    raw["train"].update(save_only_model=True, lr_scheduler_type="linear")
+    r.write_text(yaml.safe_dump(raw))
+    assert run_cli("train", str(r)).returncode == 0
+    run = tmp_path / "run"
+    assert not (run / "checkpoint-3" / "optimizer.pt").exists() and not (run / "checkpoint-3" / "scheduler.pt").exists()
+    r2 = copy_run(run, r, tmp_path / "copy")
+    shutil.rmtree(tmp_path / "copy" / "checkpoint-6")
+    proc = run_cli("train", str(r2))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    warning = (f"warning: {tmp_path / 'copy' / 'checkpoint-3'} holds the model only (train.save_only_model: true): "
+               "resuming with the learning-rate schedule at its step; the optimizer's moments start again from zero")
+    assert warning in proc.stderr.splitlines()
+
+    def rates(path: Path) -> list[float]:
+        return [e["learning_rate"] for e in json.loads((path / "trainer_state.json").read_text())["log_history"]
+                if "loss" in e]
+
+    assert rates(tmp_path / "copy") == rates(run)  # steps 4-6 on the schedule, not from its start
 
 
 def test_sigterm_saves_then_next_start_resumes(tmp_path, tiny_model):

@@ -25,6 +25,7 @@ drawn per process and would differ by construction.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -78,38 +79,53 @@ def test_strategy_is_distributed_and_learns_what_single_learns(tmp_path_factory,
     assert worst <= weight_atol, worst
 
 
-def test_failing_workers_exit_code_is_launchs(tmp_path, demo_rows):
-    """A user error in the training processes is the launch's exit code (2), not accelerate's 1."""
+def test_failing_workers_exit_code_is_launchs(tmp_path, tiny_model, demo_rows):
+    """A user error in the training processes is the launch's exit code (2), not accelerate's 1, and it is
+    one line: every rank finds a missing model, but one prints it; a bad data row is found by the rank that
+    builds the data cache while the other waits for it (it used to wait 30 s, then print a traceback)."""
     recipe = tmp_path / "recipe.yaml"
-    write_recipe(recipe, tmp_path / "no-such-model", demo_rows, "full", 1, tmp_path / "run")
-    for strategy in ("ddp", "single"):
-        proc = run_cli(*launch_args(recipe, strategy))
+    write_recipe(recipe, tmp_path / "no-such-model", demo_rows, "full", tmp_path / "run")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(demo_rows.read_text() + '{"instruction": "No answer here."}\n')
+    bad_rows = tmp_path / "bad-rows.yaml"
+    write_recipe(bad_rows, tiny_model, bad, "full", tmp_path / "run")
+    cases = [(recipe, "ddp", f"error: {tmp_path / 'no-such-model'}: model path does not exist"),
+             (recipe, "single", f"error: {tmp_path / 'no-such-model'}: model path does not exist"),
+             (bad_rows, "ddp", f"error: {bad} line 65: missing field 'response'")]
+    for path, strategy, error in cases:
+        proc = run_cli(*launch_args(path, strategy), env={"SFTDIST_CACHE": str(tmp_path / "cache")})
         assert proc.returncode == 2, proc.stderr[-3000:]
-        assert f"error: {tmp_path / 'no-such-model'}: model path does not exist" in proc.stderr
-        assert "Traceback" not in proc.stderr
+        assert [line for line in proc.stderr.splitlines() if line.strip()] == [error], proc.stderr[-3000:]
+        assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("strategy", ["single", "ddp"])
-def test_signal_to_the_launcher_checkpoints_and_exits_75(tmp_path, tiny_model, demo_rows, strategy):
+@pytest.mark.parametrize("strategy, sig", [("single", signal.SIGUSR1), ("ddp", signal.SIGUSR1), ("ddp", signal.SIGINT)],
+                         ids=["single-SIGUSR1", "ddp-SIGUSR1", "ddp-ctrl-c"])
+def test_signal_to_the_launcher_checkpoints_and_exits_75(tmp_path, tiny_model, demo_rows, strategy, sig):
     """SIGUSR1 sent to `sftdist launch` alone (not to its workers) still reaches the training
-    processes, which checkpoint and stop; the launch exits with 75 ("run again to resume")."""
+    processes, which checkpoint and stop; the launch exits with 75 ("run again to resume"). Ctrl-C in the
+    terminal (SIGINT to the whole process group) does the same: it used to exit 130 after the workers saved."""
     recipe = tmp_path / "recipe.yaml"
-    write_recipe(recipe, tiny_model, demo_rows, "full", 1, tmp_path / "run")
+    write_recipe(recipe, tiny_model, demo_rows, "full", tmp_path / "run")
     raw = yaml.safe_load(recipe.read_text())
     raw["train"].update(max_steps=500, save_steps=1000)
     recipe.write_text(yaml.safe_dump(raw))
     launch = subprocess.Popen(
         [sys.executable, "-m", "sftdist", *launch_args(recipe, strategy)],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
     out = []
     for line in launch.stdout:
         out.append(line)
         if line.startswith("sftdist: {"):
             time.sleep(1)
-            launch.send_signal(signal.SIGUSR1)
+            if sig == signal.SIGINT:
+                os.killpg(launch.pid, sig)  # as a terminal's Ctrl-C does
+            else:
+                launch.send_signal(sig)
             break
     out += launch.stdout.readlines()
     assert launch.wait(timeout=300) == 75, "".join(out)[-3000:]
     ckpts = [p for p in (tmp_path / "run").glob("checkpoint-*") if (p / "sftdist_complete").is_file()]
     assert len(ckpts) == 1 and not (tmp_path / "run" / "final").exists()
+    assert "find_unused_parameters" not in "".join(out)  # torch's DDP warning used to print on every run

@@ -20,7 +20,7 @@ import yaml
 
 from conftest import copy_run, run_cli
 from launched import LOSS_ATOL, STEPS, WEIGHT_ATOL, final_weights, history, launch, trained
-from sftdist.rundir import COMPLETE_MARKER
+from sftdist.rundir import COMPLETE_MARKER, RUN_FILES
 from sftdist.export import checkpoint_kind, consolidated_state_dict
 
 
@@ -41,7 +41,8 @@ def test_stopped_launch_resumes_to_the_same_run(tmp_path, tmp_path_factory, tiny
     assert f"sftdist: resuming from {copy / 'checkpoint-2'}\n" in proc.stdout
     state = json.loads((copy / "sftdist_run.json").read_text())["distributed"]
     assert state["num_processes"] == 2
-    assert json.loads((copy / f"checkpoint-{STEPS}" / COMPLETE_MARKER).read_text()) == {"global_step": STEPS}
+    marker = json.loads((copy / f"checkpoint-{STEPS}" / COMPLETE_MARKER).read_text())
+    assert (marker["global_step"], marker["world_size"], marker["global_batch"]) == (STEPS, 2, 4)
 
     losses, ref_losses = history(copy)[0], history(run)[0]
     weights, ref_weights = final_weights(copy), final_weights(run)
@@ -96,6 +97,8 @@ def test_export_each_checkpoint_kind(tmp_path, tmp_path_factory, tiny_model, dem
     final = final_weights(run)
     tok = AutoTokenizer.from_pretrained(out)
     assert tok.chat_template and tok.pad_token_id != tok.eos_token_id
+    for name in RUN_FILES:  # the run's recipe and prompt style travel with every export
+        assert (out / name).read_bytes() == (run / name).read_bytes(), name
 
     if method == "full":
         assert len(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]) >= len(final)

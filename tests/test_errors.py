@@ -25,7 +25,7 @@ import yaml
 
 from conftest import GPT2_TINY, REPO, run_cli
 from sftdist.errors import EXIT_PREEMPTED
-from sftdist.rundir import COMPLETE_MARKER
+from sftdist.rundir import COMPLETE_MARKER, write_manifest
 
 GOOD = {"instruction": "Say hi.", "context": "", "response": "Hi."}
 LONG = {"instruction": "Count.", "context": "", "response": " ".join(["one two three four five"] * 20)}
@@ -98,8 +98,8 @@ def train(d: Path, ctx: Ctx, model: Path | None = None, **extra: Any) -> list[st
     return ["train", recipe(d, model or ctx.tiny, [{"path": str(src)}], **extra)]
 
 
-# name -> builder(case_dir, ctx) -> (argv, words the error line must contain)
-Case = Callable[[Path, Ctx], tuple[list[str], tuple[str, ...]]]
+# name -> builder(case_dir, ctx) -> (argv, words the error line must contain[, environment to add])
+Case = Callable[[Path, Ctx], tuple[Any, ...]]
 CASES: dict[str, Case] = {}
 
 
@@ -193,6 +193,14 @@ def c11_chat_format_without_template(d, ctx):
 
 
 @case
+def c10_template_drops_reasoning(d, ctx):
+    rows = [{"messages": [{"role": "user", "content": "2+2?"},
+                          {"role": "assistant", "content": "4", "reasoning_content": "add them"}]}]
+    return data_check(d, ctx, rows, data={"chat_template": "llama3"}), (
+        "data.jsonl line 1", "does not render reasoning", "'add them' is missing", "data.chat_template")
+
+
+@case
 def c12_eval_fraction_leaves_no_training_rows(d, ctx):
     return data_check(d, ctx, [GOOD], data={"eval_fraction": 0.5}), ("recipe.yaml", "eval_fraction=0.5", "no training rows")
 
@@ -200,6 +208,12 @@ def c12_eval_fraction_leaves_no_training_rows(d, ctx):
 @case
 def c12_eval_fraction_out_of_range(d, ctx):
     return data_check(d, ctx, [GOOD], data={"eval_fraction": 1.0}), ("recipe.yaml", "data.eval_fraction", "0 <= x < 1")
+
+
+@case
+def c12_cache_location_is_a_file(d, ctx):
+    (d / "cache").write_text("not a directory")
+    return data_check(d, ctx, [GOOD]), ("cache", "not a directory", "$SFTDIST_CACHE"), {"SFTDIST_CACHE": str(d / "cache")}
 
 
 # --- recipe and model (13-20) -----------------------------------------------------------------------
@@ -360,6 +374,66 @@ def c24_max_length_above_context_data_check(d, ctx):
     return data_check(d, ctx, [GOOD], data={"max_length": 4096}), ("recipe.yaml", "data.max_length=4096", "2048 tokens")
 
 
+# --- values that make no sense, and settings that used to fail after output_dir was written (a trap: the
+# corrected rerun was then refused as another recipe's run). Checked before anything is written. -------------
+@case
+def c26_batch_size_zero(d, ctx):
+    return train(d, ctx, train={"per_device_train_batch_size": 0}), (
+        "recipe.yaml", "train.per_device_train_batch_size is 0", "positive integer")
+
+
+@case
+def c26_zero_epochs(d, ctx):
+    return train(d, ctx, train={"max_steps": -1, "num_train_epochs": 0}), (
+        "recipe.yaml", "train.num_train_epochs is 0", "positive number (or set train.max_steps)")
+
+
+@case
+def c26_save_total_limit_zero(d, ctx):
+    return train(d, ctx, train={"save_total_limit": 0}), ("train.save_total_limit is 0", "null: keep every checkpoint")
+
+
+@case
+def c26_negative_limit(d, ctx):
+    src = jsonl(d / "data.jsonl", [GOOD, GOOD])
+    return ["train", recipe(d, ctx.tiny, [{"path": str(src), "limit": -1}])], (
+        "recipe.yaml", "data.train[0].limit is -1", "positive number of rows (null: every row)")
+
+
+@case
+def c26_lora_alpha_zero(d, ctx):
+    return train(d, ctx, method="lora", lora={"alpha": 0}), ("recipe.yaml", "lora.alpha is 0", "positive number")
+
+
+@case
+def c26_eval_strategy_without_eval_data(d, ctx):
+    return train(d, ctx, train={"eval_strategy": "steps"}), (
+        "recipe.yaml", "train.eval_strategy is steps", "no eval data", "data.eval_fraction")
+
+
+@case
+def c26_report_to_not_installed(d, ctx):
+    return train(d, ctx, train={"report_to": ["wandb"]}), ("recipe.yaml", "train.report_to names wandb", "not installed")
+
+
+@case
+def c26_sequence_parallel_not_dividing_heads(d, ctx):
+    return data_check(d, ctx, [GOOD], sequence_parallel=3), (
+        "recipe.yaml", "sequence_parallel 3 does not divide the 4 attention heads", "use one of 2, 4")
+
+
+@case
+def c26_data_cache_inside_output_dir(d, ctx):
+    return train(d, ctx, data={"cache_dir": str(d / "run" / "cache")}), (
+        "recipe.yaml", "the data cache", "is inside output_dir", "outside output_dir")
+
+
+@case
+def c26_global_batch_and_accumulation(d, ctx):
+    return train(d, ctx, global_batch_size=4, train={"gradient_accumulation_steps": 2}), (
+        "recipe.yaml", "global_batch_size and train.gradient_accumulation_steps are both set")
+
+
 # --- flags, range-checked by the CLI before any work ----------------------------------------------------
 @case
 def c25_generate_temperature_zero(d, ctx):
@@ -374,6 +448,12 @@ def c25_generate_top_p_above_one(d, ctx):
 @case
 def c25_generate_no_new_tokens(d, ctx):
     return ["generate", str(ctx.tiny), "--prompt", "hi", "--max-new-tokens", "0"], ("--max-new-tokens", "x>=1")
+
+
+@case
+def c25_generate_prompts_file_not_utf8(d, ctx):
+    (d / "prompts.txt").write_bytes("Say hi.\n".encode() + b"caf\xe9\n")
+    return ["generate", str(ctx.tiny), "--prompts-file", str(d / "prompts.txt")], ("prompts.txt", "line 2", "not UTF-8")
 
 
 @case
@@ -435,6 +515,144 @@ def c23_export_incomplete_checkpoint(d, ctx):
     return ["export", str(ckpt), "--out", str(d / "exported")], ("checkpoint-3", "incomplete", COMPLETE_MARKER)
 
 
+# --- export, merge-adapter and generate on damaged inputs, and --out where nothing can be built ----------
+def export_checkpoint_cut_short(d: Path, src: Path, name: str) -> tuple[list[str], tuple[str, ...]]:
+    """`export` of `src`'s files laid out as a checkpoint sftdist wrote (a manifest of them, then the
+    completion marker), whose file `name` was cut short since."""
+    ckpt = d / "run" / "checkpoint-2"
+    shutil.copytree(src, ckpt)
+    write_manifest(ckpt)
+    (ckpt / COMPLETE_MARKER).write_text('{"global_step": 2}')
+    cut_short(ckpt / name)
+    return ["export", str(ckpt), "--out", str(d / "exported")], ("checkpoint-2", "damaged", f"{name} has")
+
+
+def cut_short(path: Path) -> Path:
+    """Keep the first half of a file, as a copy or a write that stopped midway leaves it."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def copy_of(src: Path, d: Path, name: str) -> Path:
+    shutil.copytree(src, d / name)
+    return d / name
+
+
+class Mounted(list):
+    """argv run with a tmpfs mounted at `at` (read-only if asked) in a user and mount namespace of its
+    own: a real read-only file system or mount point, seen by that process only and gone with it."""
+
+    def __init__(self, argv: list[str], at: Path, read_only: bool = False) -> None:
+        super().__init__(argv)
+        at.mkdir()
+        script = f'mount -t tmpfs {"-o ro " if read_only else ""}tmpfs "$0" && exec "$@"'
+        self.prefix = ("unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, str(at))
+
+
+@case
+def c26_export_checkpoint_with_truncated_adapter(d, ctx):
+    return export_checkpoint_cut_short(d, ctx.adapter, "adapter_model.safetensors")
+
+
+@case
+def c26_export_invalid_adapter_config(d, ctx):
+    adapter = copy_of(ctx.adapter, d, "adapter")
+    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA", "r": ')
+    return ["export", str(adapter), "--out", str(d / "exported")], ("adapter/adapter_config.json", "not valid JSON")
+
+
+@case
+def c27_export_checkpoint_with_truncated_shard(d, ctx):
+    return export_checkpoint_cut_short(d, ctx.tiny, "model.safetensors")
+
+
+@case
+def c27_export_model_dir_with_truncated_shard(d, ctx):
+    shard = cut_short(copy_of(ctx.tiny, d, "model") / "model.safetensors")
+    return ["export", str(shard.parent), "--out", str(d / "exported")], (
+        "model/model.safetensors", "not a whole safetensors file", "cut short")
+
+
+@case
+def c27_export_model_dir_with_cut_config(d, ctx):
+    model = copy_of(ctx.tiny, d, "model")
+    cut_short(model / "config.json")
+    return ["export", str(model), "--out", str(d / "exported")], ("model", "could not read config.json", "not a valid JSON")
+
+
+@case
+def c28_export_out_on_read_only_file_system(d, ctx):
+    return Mounted(["export", str(ctx.tiny), "--out", str(d / "ro" / "exported")], d / "ro", read_only=True), (
+        "--out", "ro/exported", "read-only file system")
+
+
+@case
+def c28_export_out_is_a_mount_point(d, ctx):
+    return Mounted(["export", str(ctx.tiny), "--out", str(d / "mnt")], d / "mnt"), ("--out", "mnt", "mount point")
+
+
+@case
+def c28_merge_out_on_read_only_file_system(d, ctx):
+    argv = ["merge-adapter", "--base", str(ctx.tiny), "--adapter", str(ctx.adapter), "--out", str(d / "ro" / "m")]
+    return Mounted(argv, d / "ro", read_only=True), ("--out", "ro/m", "read-only file system")
+
+
+@case
+def c28_merge_out_is_a_mount_point(d, ctx):
+    argv = ["merge-adapter", "--base", str(ctx.tiny), "--adapter", str(ctx.adapter), "--out", str(d / "mnt")]
+    return Mounted(argv, d / "mnt"), ("--out", "mnt", "mount point")
+
+
+@case
+def c29_merge_truncated_base(d, ctx):
+    base = copy_of(ctx.tiny, d, "base")
+    cut_short(base / "model.safetensors")
+    argv = ["merge-adapter", "--base", str(base), "--adapter", str(ctx.adapter), "--out", str(d / "merged")]
+    return argv, ("base/model.safetensors", "not a whole safetensors file")
+
+
+@case
+def c30_generate_adapter_whose_base_is_gone(d, ctx):
+    adapter = copy_of(ctx.adapter, d, "adapter")
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": str(d / "gone")}))
+    return ["generate", str(adapter), "--prompt", "hi"], ("adapter_config.json", "base model", "gone", "does not exist")
+
+
+@case
+def c30_generate_config_without_weights(d, ctx):
+    (d / "model").mkdir()
+    shutil.copy(ctx.tiny / "config.json", d / "model")
+    return ["generate", str(d / "model"), "--prompt", "hi"], ("model", "no model weights found")
+
+
+def launch_with_config(d: Path, ctx: Ctx, text: str) -> list[str]:
+    (d / "accelerate.yaml").write_text(text)
+    return ["launch", train(d, ctx)[1], "--strategy", str(d / "accelerate.yaml"), "--num-processes", "2", "--dry-run"]
+
+
+@case
+def c31_launch_config_invalid_yaml(d, ctx):
+    return launch_with_config(d, ctx, "distributed_type: [MULTI_GPU\n"), ("accelerate.yaml", "not a readable YAML", "line 2")
+
+
+@case
+def c31_launch_config_a_list(d, ctx):
+    return launch_with_config(d, ctx, "- distributed_type: MULTI_GPU\n"), ("accelerate.yaml", "expected a mapping", "a list")
+
+
+@case
+def c31_launch_config_empty(d, ctx):
+    return launch_with_config(d, ctx, ""), ("accelerate.yaml", "expected a mapping", "an empty file")
+
+
+@case
+def c32_flash_attention_without_gpu(d, ctx):
+    return train(d, ctx) + ["--set", "model.attn_implementation=flash_attention_2"], (
+        "recipe.yaml", "model.attn_implementation=flash_attention_2", "no GPU is visible")
+
+
 # --- a run that succeeds with dropped rows: one warning line per source, with counts -----------------
 def dropped_rows_run(d: Path, ctx: Ctx) -> list[str]:
     empty = jsonl(d / "some-empty.jsonl", [GOOD, {**GOOD, "response": ""}, GOOD, {**GOOD, "response": " "}, {**GOOD, "response": ""}])
@@ -458,12 +676,17 @@ def results(request, tmp_path_factory, tiny_model) -> dict[str, tuple[Any, dict,
     for name in sorted(wanted):
         d = root / name / "case"
         d.mkdir(parents=True)
-        argv, words = CASES[name](d, ctx) if name in CASES else (dropped_rows_run(d, ctx), ())
-        jobs[name] = (d, argv, words, snapshot(d))
+        argv, words, *env = CASES[name](d, ctx) if name in CASES else (dropped_rows_run(d, ctx), ())
+        jobs[name] = (d, argv, words, snapshot(d), env[0] if env else None)
+
+    def run(name: str) -> subprocess.CompletedProcess:
+        _, argv, _, _, env = jobs[name]
+        # Mounted cases run in their namespace.
+        return run_cli(*argv, env=env, timeout=300, prefix=getattr(argv, "prefix", ()))
 
     with ThreadPoolExecutor(max_workers=3) as pool:
-        procs = dict(zip(jobs, pool.map(lambda name: run_cli(*jobs[name][1], timeout=300), jobs)))
-    return {name: (procs[name], words, before, snapshot(d)) for name, (d, _, words, before) in jobs.items()}
+        procs = dict(zip(jobs, pool.map(run, jobs)))
+    return {name: (procs[name], words, before, snapshot(d)) for name, (d, _, words, before, _) in jobs.items()}
 
 
 def message_lines(stderr: str) -> list[str]:

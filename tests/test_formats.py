@@ -130,10 +130,14 @@ def test_chat_template_without_eos_is_refused(encoder):
         tok.chat_template = saved
 
 
-def test_over_long_samples_dropped_or_truncated(encoder):
+def test_over_long_samples_dropped_or_truncated_each_counted_once(encoder):
     ex = render_row(DOLLY, "dolly", "default", "w")
-    n = len(encoder.encode_one(ex, "w")[0])
+    ids, mask = encoder.encode_one(ex, "w")
+    n, prompt = len(ids), mask.index(1)
     short = Encoder(encoder.tok, n - 1, "completion", False, encoder.stop_ids).encode([ex, ex], "w")
-    assert short.too_long == 2 and short.input_ids == []
+    assert short.dropped == {f"longer than max_length {n - 1}": 2} and short.input_ids == [] and short.truncated == 0
     cut = Encoder(encoder.tok, n - 1, "completion", True, encoder.stop_ids).encode([ex], "w")
-    assert cut.truncated == 1 and len(cut.input_ids[0]) == n - 1
+    assert cut.truncated == 1 and not cut.dropped and len(cut.input_ids[0]) == n - 1
+    # A cut that leaves no token to learn drops the row: counted once, not also as truncated.
+    none_left = Encoder(encoder.tok, prompt, "completion", True, encoder.stop_ids).encode([ex], "w")
+    assert none_left.truncated == 0 and none_left.dropped == {f"no loss-carrying token within max_length {prompt}": 1}

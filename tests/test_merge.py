@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import GPT2_TINY, run_cli
+from conftest import GPT2_TINY, REPO, run_cli
 
 from sftdist.merge import merge_adapter
 
@@ -315,14 +317,49 @@ def test_refuses_an_adapter_of_another_model_or_a_base_rewriting_one(llama: Path
     assert not out.exists()
 
 
-def test_failure_midway_leaves_nothing(llama: Path, lora: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+def test_failure_midway_leaves_nothing(llama: Path, lora: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A base shard cut short (another process rewriting it) once the merge has checked every shard
+    and written the first: a one-line error, and nothing in or beside --out."""
+    import io
+
+    from sftdist.errors import UserError
+
     broken = tmp_path / "broken"
     shutil.copytree(llama, broken)
     last = sorted(broken.glob("model-*.safetensors"))[-1]
-    last.write_bytes(last.read_bytes()[:-64])  # header intact, data cut short: fails while writing
+
+    class CutLastShardAfterTheFirst(io.StringIO):
+        def write(self, text: str) -> int:
+            if "shard 1/" in text:
+                last.write_bytes(last.read_bytes()[:-64])  # header intact, data cut short
+            return super().write(text)
+
+    progress = CutLastShardAfterTheFirst()
+    monkeypatch.setattr(sys, "stdout", progress)
     out = tmp_path / "out"
-    with pytest.raises(Exception):
+    with pytest.raises(UserError, match="not a whole safetensors file"):
         merge_adapter(str(broken), str(lora), str(out))
-    assert "shard 1/" in capsys.readouterr().out  # it had started writing
+    assert "shard 1/" in progress.getvalue()  # it had started writing
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir()] == ["broken"]
+
+
+def test_killed_merge_leaves_a_build_the_next_merge_removes(llama: Path, lora: Path, tmp_path: Path):
+    """SIGKILL mid-merge leaves its hidden build beside --out (nothing can clean up after a kill); the
+    next merge into the same --out removes it, since its builder is dead, and succeeds."""
+    out = tmp_path / "merged"
+    argv = [sys.executable, "-m", "sftdist", "merge-adapter", "--base", str(llama), "--adapter", str(lora),
+            "--out", str(out), "--no-verify"]
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in proc.stdout:
+        if "shard 1/" in line:
+            proc.kill()
+            break
+    proc.wait(timeout=60)
+    (leftover,) = tmp_path.iterdir()
+    assert leftover.name.startswith(".merged.partial-") and leftover.name.endswith(f"-{proc.pid}")
+    assert any(leftover.glob("*.safetensors"))  # killed mid-work
+    r = run_cli("merge-adapter", "--base", str(llama), "--adapter", str(lora), "--out", str(out), "--no-verify")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"]
+    _assert_matches_peft_merge(out, llama, lora)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, run_cli
+from conftest import REPO, decide, run_cli
 from sftdist import checkpoint, lock
 from sftdist.errors import EXIT_PREEMPTED, UserError
 from sftdist.recipe import recipe_from_dict
@@ -66,8 +66,8 @@ def test_overwrite_of_the_working_directory_is_refused_and_deletes_nothing(tmp_p
     assert snapshot(tmp_path) == before
 
 
-def _decide(raw: dict, overwrite: bool = True):
-    return checkpoint._decide(recipe_from_dict(raw), resume=True, overwrite=overwrite)
+def _decide(raw: dict, overwrite: bool = True) -> str:
+    return decide(recipe_from_dict(raw), overwrite=overwrite).action
 
 
 def test_overwrite_refuses_what_is_not_an_sftdist_run_or_holds_the_model_or_data(tmp_path, tiny_model):
@@ -77,7 +77,7 @@ def test_overwrite_refuses_what_is_not_an_sftdist_run_or_holds_the_model_or_data
     with pytest.raises(UserError, match="--overwrite refused: output_dir is not empty and holds no sftdist_recipe"):
         _decide(raw_recipe(tiny_model, str(out)))
     (out / RECIPE_FILE).write_text("output_dir: elsewhere\n")
-    assert _decide(raw_recipe(tiny_model, str(out)))[0] == "replace"  # an sftdist run that holds nothing we read
+    assert _decide(raw_recipe(tiny_model, str(out))) == "replace"  # an sftdist run that holds nothing we read
 
     model = out / "base"
     shutil.copytree(tiny_model, model)
@@ -93,25 +93,51 @@ def test_overwrite_refuses_what_is_not_an_sftdist_run_or_holds_the_model_or_data
     shutil.copytree(tiny_model, out / "final")
     (out / RECIPE_FILE).write_text(yaml.safe_dump(recipe_from_dict(raw).to_dict()))
     with pytest.raises(UserError, match="starting over would delete the model"):
-        checkpoint._decide(recipe_from_dict(raw), resume=False, overwrite=False)
+        decide(recipe_from_dict(raw), resume=False)
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert _decide(raw_recipe(tiny_model, str(empty)))[0] == "fresh"
+    assert _decide(raw_recipe(tiny_model, str(empty))) == "fresh"
 
 
 # --- 3. one run per output_dir ---------------------------------------------------------------------------
-def test_second_run_on_a_held_output_dir_exits_2_naming_the_holder(tmp_path, tiny_model):
+@pytest.mark.parametrize("command", ["train", "launch"])
+def test_second_run_on_a_held_output_dir_exits_2_naming_the_holder(tmp_path, tiny_model, command):
+    """Under `launch` too, in one line: rank 0 refuses and tells the other ranks, which used to fail in their
+    next collective with gloo's traceback (44 lines)."""
     out = tmp_path / "run"
     held = lock.acquire(out)  # this test process is the first run
     try:
         r = write_recipe(tmp_path / "r.yaml", raw_recipe(tiny_model, str(out)))
-        proc = run_cli("train", str(r))
+        launch = ["--strategy", "ddp", "--num-processes", "2"] if command == "launch" else []
+        proc = run_cli(command, str(r), *launch)
     finally:
         held.release()
     assert proc.returncode == 2, proc.stderr[-2000:]
-    [line] = error_lines(proc.stderr)
-    assert f"pid {os.getpid()} on host {socket.gethostname()}" in line and str(out) in line
+    assert "Traceback" not in proc.stderr
+    [line] = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert line.startswith("error: ") and f"pid {os.getpid()} on host {socket.gethostname()}" in line
+    assert str(out) in line
     assert not out.exists()  # the lock created it for this run, and released it empty
+
+
+def test_a_full_file_system_at_start_is_one_line_and_leaves_nothing(tmp_path, tiny_model):
+    """The lock is the first thing a run writes: on a full disk it used to fail with a traceback and leave
+    sftdist.lock behind. A real full file system: a tiny tmpfs, filled."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(disk)], check=True)
+    try:
+        (disk / "fill").write_bytes(b"\0" * (16 << 10))
+        before = snapshot(disk)
+        r = write_recipe(tmp_path / "r.yaml", raw_recipe(tiny_model, str(disk / "runs" / "run")))
+        proc = run_cli("train", str(r))
+        after = snapshot(disk)
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip() == (f"error: {disk / 'runs' / 'run' / lock.LOCK_FILE}: cannot lock the output_dir "
+                                   "(No space left on device)")
+    assert after == before
 
 
 def test_stale_lock_of_a_killed_run_is_taken_over_with_a_warning(tmp_path, capsys):

@@ -1,7 +1,8 @@
 """launch/slurm: shellcheck passes, #SBATCH lines are literals, and the script's own logic runs a
-two-"node" job on this machine: two `sftdist launch` processes (one per node, as srun starts them)
-join one gloo group of world size 2, a preemption signal makes them checkpoint and the job requeue
-itself, and the requeued job resumes, trains to the end and saves once.
+job on this machine: started on one "node", a preemption signal makes it checkpoint and the job
+requeue itself; the requeued job gets two "nodes", whose two `sftdist launch` processes (one per
+node, as srun starts them) join one gloo group of world size 2, resume with the global batch kept,
+train to the end and save once.
 
 slurm itself is not here, so `srun` and `scontrol` are small stand-ins written below: srun starts
 its command once per node with the variables slurm sets per task; scontrol lists the nodes and
@@ -102,7 +103,9 @@ def step_processes(root: int) -> list:
     return [p for p in psutil.Process(root).children(recursive=True) if "srun" not in " ".join(p.cmdline())]
 
 
-def test_two_node_job_is_one_group_and_requeues_on_preemption(tmp_path, tiny_model, fake_slurm):
+def test_job_requeued_on_more_nodes_resumes_as_one_group_with_the_same_global_batch(tmp_path, tiny_model, fake_slurm):
+    """A job that started on 1 node is preempted and requeued on 2 (the allocation it got): the script
+    resumes it there, as one group of 2, with the recipe's global batch kept (issue 17)."""
     run = tmp_path / "run"
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({
@@ -110,38 +113,44 @@ def test_two_node_job_is_one_group_and_requeues_on_preemption(tmp_path, tiny_mod
         "data": {"train": [{"path": str(DEMO_TRAIN), "limit": 200}], "max_length": 64},
         "train": {"max_steps": 30, "per_device_train_batch_size": 2, "logging_steps": 1, "save_steps": 1000,
                   "report_to": []},
+        "global_batch_size": 4,
         "output_dir": str(run),
     }))
     cmd = ["bash", str(SBATCH), str(recipe), "ddp"]
+    one_node = {**fake_slurm, "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "localhost"}
 
-    # First start: stop it with the time-limit signal as soon as both ranks are training.
-    job = subprocess.Popen(cmd, env=fake_slurm, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # First start, on 1 node: stop it with the time-limit signal as soon as it trains.
+    job = subprocess.Popen(cmd, env=one_node, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out = []
     for line in job.stdout:
         out.append(line)
         if line.startswith("sftdist: {"):
+            first = json.loads(line.removeprefix("sftdist: "))
             time.sleep(1)
             for p in step_processes(job.pid):
                 p.send_signal(signal.SIGUSR1)
             break
     out += job.stdout.readlines()
     assert job.wait(timeout=300) == 75, "".join(out)[-3000:]
+    assert (first["num_processes"], first["gradient_accumulation_steps"], first["global_batch"]) == (1, 2, 4)
     assert Path(fake_slurm["SCONTROL_LOG"]).read_text().split() == ["4242"]
     ckpts = [p for p in run.glob("checkpoint-*") if (p / "sftdist_complete").is_file()]
     assert len(ckpts) == 1 and not (run / "final").exists(), "".join(out)[-3000:]
     stopped_at = int(ckpts[0].name.split("-")[1])
     assert 0 < stopped_at < 30
 
-    # The requeued job: same script and variables; it resumes and finishes.
+    # The requeued job got 2 nodes: same script; it resumes as one group of 2 and finishes.
     proc = subprocess.run(cmd, env={**fake_slurm, "SLURM_RESTART_COUNT": "1"}, capture_output=True, text=True,
                           timeout=600)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
-    assert f"sftdist: resuming from {ckpts[0]}" in log
+    assert (f"sftdist: resuming from {ckpts[0]}: step {stopped_at} written by 1 process, now on 2 (global batch 4 "
+            "kept: accumulation 2 -> 1)") in log
     assert log.count("sftdist: saved ") == 1  # one save for the whole group, not one per node
     info = json.loads((run / "sftdist_run.json").read_text())["distributed"]
     assert info["distributed_type"] == "MULTI_CPU" and info["backend"] == "gloo"
     assert (info["num_processes"], info["num_machines"], info["global_batch"]) == (2, 2, 4)
+    assert info["gradient_accumulation_steps"] == 1
     state = json.loads((run / "trainer_state.json").read_text())
     assert state["global_step"] == 30
     assert (run / "final" / "model.safetensors").is_file()

@@ -9,13 +9,15 @@ Which tokens are an assistant's, in order of preference:
 
 Gap filled: trl masks assistant tokens only with markers, and refuses a template it cannot patch;
 here the prefix fallback covers the rest, turns can be excluded one by one (`loss_weight: 0`), a
-template that drops tool calls is an error rather than silent text, and every trained turn must
-contain a stop token.
+template that drops tool calls or reasoning is an error rather than silent text, and every trained
+turn must contain a stop token. The work per conversation is bounded by `max_length`: turns are
+located only as far as training keeps tokens, so a 10,000-turn row costs one render, not 10,000.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -92,30 +94,80 @@ def _not_prefix_stable(where: str, name: str) -> UserError:
 def _turn_span(
     tokenizer: Any, ex: Example, i: int, tpl: str | None, full: str, name: str, where: str, whole: bool = False
 ) -> tuple[int, int]:
-    """Character span of turn i: from after its generation prompt (or its start, `whole`) to its end."""
+    """Character span of turn i: from after its generation prompt (or its start, `whole`) to its end.
+
+    A generation prompt that is not a prefix of the rendered turn (one ending in `<think>\\n\\n`
+    while the turn renders `<think>\\nreasoning`) would start the loss inside the turn: the loss
+    starts where the two part, so that everything the model writes is trained.
+    """
     before = _render(tokenizer, ex, i, tpl, gen_prompt=not whole)
     upto = _render(tokenizer, ex, i + 1, tpl)
-    start = len(before)
-    if not full.startswith(upto) or start > len(upto) or (whole and not upto.startswith(before)):
+    if not full.startswith(upto) or (whole and not upto.startswith(before)):
+        raise _not_prefix_stable(where, name)
+    if upto.startswith(before):
+        return len(before), len(upto)
+    start = len(os.path.commonprefix([before, upto]))
+    if start < len(_render(tokenizer, ex, i, tpl)):  # the earlier turns render differently: not prefix-stable
         raise _not_prefix_stable(where, name)
     return start, len(upto)
 
 
-def _check_tools_rendered(ex: Example, full: str, name: str, where: str) -> None:
-    """A template that ignores tools would train tool calls as nothing: refuse it by name."""
-    wanted = [("tool", t["function"]["name"]) for t in ex.tools or []]
+def _spans(
+    tokenizer: Any, ex: Example, turns: list[int], tpl: str | None, full: str, name: str, where: str, cut: int, whole: bool
+) -> list[tuple[int, int]]:
+    """Spans of the given turns, in order, stopping at the first that starts at or after character
+    `cut` (tokens past max_length, which training never sees: the work stays bounded)."""
+    spans = []
+    for i in turns:
+        span = _turn_span(tokenizer, ex, i, tpl, full, name, where, whole=whole)
+        if span[0] >= cut:
+            break
+        spans.append(span)
+    return spans
+
+
+def _check_rendered(ex: Example, full: str, name: str, where: str) -> None:
+    """A template that ignores tools, tool calls, tool results or reasoning would train them as
+    nothing: refuse it by name. Each message's strings are looked for after the previous
+    message's, so the search is linear in the conversation."""
+
+    def at(text: str, start: int) -> int:
+        # A template may write a string through `tojson`: its escaped form counts as rendered too.
+        for form in (text, json.dumps(text)[1:-1]):
+            pos = full.find(form, start)
+            pos = full.find(form) if pos < 0 and start else pos
+            if pos >= 0:
+                return pos
+        return -1
+
+    def check(wanted: list[tuple[str, str]], start: int) -> list[int]:
+        found = [at(text, start) for _, text in wanted]
+        missing = next((w for w, pos in zip(wanted, found) if pos < 0), None)
+        if missing:
+            raise UserError(f"{where}: {name} does not render {missing[0]} ({missing[1]!r} is missing); {FIX}")
+        return found
+
+    check([("tools", t["function"]["name"]) for t in ex.tools or []], 0)
+    cursor = 0
     for m in ex.messages:
-        wanted += [("tool call", c["function"]["name"]) for c in m.get("tool_calls", [])]
+        wanted = [("tool calls", c["function"]["name"]) for c in m.get("tool_calls", [])]
         if m["role"] == "tool" and m["content"].strip():
-            wanted.append(("tool result", m["content"].strip()[:40]))
-    # A template may write a string through `tojson`: its escaped form counts as rendered too.
-    missing = next(((what, s) for what, s in wanted if s not in full and json.dumps(s)[1:-1] not in full), None)
-    if missing:
-        raise UserError(f"{where}: {name} does not render {missing[0]}s ({missing[1]!r} is missing); {FIX}")
+            wanted.append(("tool results", m["content"].strip()[:40]))
+        if m.get("reasoning_content", "").strip():
+            wanted.append(("reasoning", m["reasoning_content"].strip()[:40]))
+        if wanted:
+            cursor = max(cursor, min(check(wanted, cursor)))
 
 
-def encode_chat(tokenizer: Any, ex: Example, stop_ids: set[int], where: str) -> tuple[list[int], list[int]]:
-    """Token ids of a conversation and its mask: 1 on the tokens of assistant turns that carry loss."""
+def encode_chat(
+    tokenizer: Any, ex: Example, stop_ids: set[int], where: str, max_length: int | None = None, truncate: bool = False
+) -> tuple[list[int], list[int] | None]:
+    """Token ids of a conversation and its mask: 1 on the tokens of assistant turns that carry loss.
+
+    Past `max_length` tokens the turns are not located: with `truncate` the mask covers the first
+    `max_length` tokens only (training cuts there), without it the mask is None (training drops the
+    conversation). The ids are always the whole conversation's.
+    """
     from jinja2 import TemplateError
 
     if not tokenizer.chat_template:
@@ -125,34 +177,34 @@ def encode_chat(tokenizer: Any, ex: Example, stop_ids: set[int], where: str) -> 
         )
     tpl, name = mask_template(tokenizer)
     loss = ex.loss or [m["role"] == "assistant" for m in ex.messages]  # default: every assistant turn
+    assistant = [i for i, m in enumerate(ex.messages) if m["role"] == "assistant"]
     try:
         full = _render(tokenizer, ex, len(ex.messages), tpl)
-        if ex.tools or any(m.get("tool_calls") or m["role"] == "tool" for m in ex.messages):
-            _check_tools_rendered(ex, full, name, where)
+        _check_rendered(ex, full, name, where)
         if tpl is not None:
             out = tokenizer.apply_chat_template(
                 ex.messages, chat_template=tpl, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
                 **({"tools": ex.tools} if ex.tools else {}),
             )
-            ids, mask, offsets = list(out["input_ids"]), list(out["assistant_masks"]), out.encodings[0].offsets
-            excluded = [
-                _turn_span(tokenizer, ex, i, tpl, full, name, where, whole=True)
-                for i, m in enumerate(ex.messages)
-                if m["role"] == "assistant" and not loss[i]
-            ]
-            mask = [0 if any(s <= a < e for s, e in excluded) else k for k, (a, _) in zip(mask, offsets)]
+            ids, marks, offsets = list(out["input_ids"]), list(out["assistant_masks"]), out.encodings[0].offsets
         else:
             enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-            ids = enc["input_ids"]
-            spans = [
-                _turn_span(tokenizer, ex, i, tpl, full, name, where)
-                for i, m in enumerate(ex.messages)
-                if m["role"] == "assistant" and loss[i]
-            ]
-            mask = [1 if any(s <= a < e for s, e in spans) else 0 for a, _ in enc["offset_mapping"]]
+            ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        keep, cut = len(ids), len(full)
+        if max_length is not None and len(ids) > max_length:
+            if not truncate:
+                return ids, None
+            keep, cut = max_length, offsets[max_length][0]
+        if tpl is not None:
+            off = [i for i in assistant if not loss[i]]
+            excluded = _spans(tokenizer, ex, off, tpl, full, name, where, cut, whole=True)
+            mask = [0 if any(s <= a < e for s, e in excluded) else k for k, (a, _) in zip(marks[:keep], offsets)]
+        else:
+            spans = _spans(tokenizer, ex, [i for i in assistant if loss[i]], tpl, full, name, where, cut, whole=False)
+            mask = [1 if any(s <= a < e for s, e in spans) else 0 for a, _ in offsets[:keep]]
     except TemplateError as e:
         raise UserError(f"{where}: {name} cannot render this conversation ({e}); {FIX}") from None
-    if not any(t in stop_ids for t, m in zip(ids, mask) if m):
+    if keep == len(ids) and not any(t in stop_ids for t, m in zip(ids, mask) if m):
         raise UserError(
             f"{where}: {name} ends assistant turns without the EOS token {tokenizer.eos_token!r}, so the model "
             "would never learn to stop; use data.chat_template: chatml or a model family"

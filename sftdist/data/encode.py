@@ -10,6 +10,7 @@ Every sample must end its loss region with a stop token (EOS), and BOS appears a
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,11 +21,12 @@ from sftdist.errors import UserError
 
 @dataclass
 class Encoded:
-    """Token ids and loss masks of kept examples, and what was dropped for length."""
+    """Token ids and loss masks of kept examples, the examples dropped for length (by reason), and
+    how many kept ones were cut at max_length; each example is counted once."""
 
     input_ids: list[list[int]] = field(default_factory=list)
     completion_mask: list[list[int]] = field(default_factory=list)
-    too_long: int = 0
+    dropped: Counter = field(default_factory=Counter)
     truncated: int = 0
 
 
@@ -59,6 +61,10 @@ class Encoder:
         if self.eos is None:
             raise UserError("the tokenizer has no EOS token; a model trained without one never learns to stop")
         self.bos_prefix = _bos_prefix(tokenizer)
+        # Why an example is dropped (or changed) for its length, as the reports word it.
+        self.too_long = f"longer than max_length {max_length}"
+        self.no_loss_left = f"no loss-carrying token within max_length {max_length}"
+        self.cut = f"truncated to max_length {max_length}"
 
     def _with_bos(self, ids: list[int]) -> list[int]:
         if self.bos_prefix and ids[:1] == self.bos_prefix:
@@ -74,18 +80,19 @@ class Encoder:
         text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
-    def _chat(self, ex: Example, where: str) -> tuple[list[int], list[int]]:
-        return encode_chat(self.tok, ex, self.stop_ids, where)
-
-    def encode_one(self, ex: Example, where: str) -> tuple[list[int], list[int]]:
+    def encode_one(self, ex: Example, where: str) -> tuple[list[int], list[int] | None]:
+        """One example's ids and mask, before `fit` (see `_encode`)."""
         head = self._batch([ex.text or ex.prompt])[0] if ex.kind != "chat" else []
         tail = self._batch([ex.completion])[0] if ex.kind == "instruction" else []
         return self._encode(ex, where, head, tail)
 
-    def _encode(self, ex: Example, where: str, head: list[int], tail: list[int]) -> tuple[list[int], list[int]]:
-        """One sample from its tokenized text (or prompt) and completion; chat rows render here."""
+    def _encode(self, ex: Example, where: str, head: list[int], tail: list[int]) -> tuple[list[int], list[int] | None]:
+        """One sample from its tokenized text (or prompt) and completion; chat rows render here, their
+        mask computed only as far as `fit` keeps tokens (None: it will drop them)."""
         if ex.kind == "chat":
-            ids, mask = self._chat(ex, where)
+            ids, mask = encode_chat(self.tok, ex, self.stop_ids, where, self.max_length, self.truncate)
+            if mask is None:
+                return ids, None
         elif ex.kind == "text":
             ids = self._with_bos(head) + [self.eos]
             mask = [1] * len(ids)
@@ -95,6 +102,17 @@ class Encoder:
         if self.loss_on == "all":
             mask = [1] * len(ids)
         return ids, mask
+
+    def fit(self, ids: list[int], mask: list[int] | None) -> tuple[list[int], list[int], str | None]:
+        """A sample as training sees it, and what happened to it: None (kept whole), `self.cut`, or
+        the reason it is dropped (`self.too_long`, or `self.no_loss_left` when the cut leaves no
+        token to learn)."""
+        if len(ids) <= self.max_length and mask is not None:
+            return ids, mask, None
+        if not self.truncate or mask is None:
+            return ids, [], self.too_long
+        ids, mask = ids[: self.max_length], mask[: self.max_length]
+        return ids, mask, self.cut if any(mask) else self.no_loss_left
 
     def _batch(self, texts: list[str]) -> list[list[int]]:
         return self.tok(texts, add_special_tokens=False)["input_ids"] if texts else []
@@ -114,16 +132,12 @@ class Encoder:
         tails = dict(zip(tails_at, self._batch([examples[i].completion for i in tails_at])))
         out = Encoded()
         for i, ex in enumerate(examples):
-            ids, mask = self._encode(ex, f"{where} {labels[i]}", head_of.get(i, []), tails.get(i, []))
-            if len(ids) > self.max_length:
-                if not self.truncate:
-                    out.too_long += 1
-                    continue
-                ids, mask = ids[: self.max_length], mask[: self.max_length]
-                out.truncated += 1
-                if not any(mask):
-                    out.too_long += 1
-                    continue
+            encoded = self._encode(ex, f"{where} {labels[i]}", head_of.get(i, []), tails.get(i, []))
+            ids, mask, outcome = self.fit(*encoded)
+            if outcome in (self.too_long, self.no_loss_left):
+                out.dropped[outcome] += 1
+                continue
+            out.truncated += outcome == self.cut
             out.input_ids.append(ids)
             out.completion_mask.append(mask)
         return out

@@ -6,20 +6,19 @@
   rendered later by a chat template (data/chat.py), with a per-turn flag saying which carry loss.
 
 Gap filled: trl accepts several of these shapes, but not dolly/alpaca/sharegpt, not LLaMA-Factory's
-function_call/observation turns, not a mix of shapes in one run, and it reports a bad row as a
-pyarrow or KeyError traceback. Here every row is checked once, a bad one is reported by file and
-row, and nothing is dropped silently: every column not used is named once per source.
+function_call/observation turns or its v1 typed parts, not a mix of shapes in one run, and it
+reports a bad row as a pyarrow or KeyError traceback. Here every row is checked once, a bad one is
+reported by file and row, and nothing is dropped silently: the columns and turn keys not used, and
+the empty assistant turns left out of the loss, are counted for the source's report (data/notices.py
+words them).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
-
-import click
 
 from sftdist.data.templates import PROMPT_TEMPLATES
 from sftdist.errors import UserError
@@ -51,8 +50,20 @@ MEDIA_COLUMNS = ("images", "videos", "audios")
 MEDIA_PARTS = ("image", "image_url", "input_image", "audio", "input_audio", "audio_url", "video", "video_url")
 KTO_LABELS = ("label", "kto_tag")
 TEXT_ONLY = "sftdist trains text-only models"
-
-_warned: set[tuple[str, str]] = set()  # (source, column) already named in a warning, in this process
+REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
+# Per-turn loss flags: ours, OpenAI fine-tuning's `weight`, LLaMA-Factory's `loss_weight`, axolotl's `train`.
+LOSS_KEYS = ("loss_weight", "weight", "train")
+# Keys a turn may carry, by role, beside the loss flags; any other key with a value is counted as unused.
+TURN_KEYS = {
+    "messages": {
+        "assistant": {"role", "content", "tool_calls", *REASONING_KEYS},
+        "tool": {"role", "content", "name", "tool_call_id"},
+    },
+    "sharegpt": {"assistant": {"from", "value", *REASONING_KEYS}},
+}
+# Typed content parts: a text part holds `text` (OpenAI, transformers) or `value` (LLaMA-Factory v1).
+PART_TYPES = ("text", "reasoning", "tool_call", "tool_calls")
+EMPTY_TURNS = "empty assistant turn(s) left out of the loss"
 
 
 @dataclass
@@ -70,16 +81,29 @@ class Example:
     messages: list[dict[str, Any]] = field(default_factory=list)
     tools: list[dict[str, Any]] | None = None
     loss: list[bool] = field(default_factory=list)
+    # What the row held that the sample does not train on, for the source's report.
+    empty_turns: int = 0  # empty assistant turns left out of the loss
+    unused_keys: Counter = field(default_factory=Counter)  # turn key -> turns holding it, that nothing renders
 
 
 @dataclass
 class Rendered:
-    """A source's rendered examples, and the rows dropped with the reason for each."""
+    """A source's rendered examples, the rows dropped with the reason for each, and what the kept
+    rows held that is not trained on (columns no format uses; the examples' counts summed)."""
 
     format: str
     examples: list[Example]
     dropped: Counter = field(default_factory=Counter)
     labels: list[str] = field(default_factory=list)  # the row label ("line 7") of each kept example
+    ignored_columns: list[str] = field(default_factory=list)
+    changed: Counter = field(default_factory=Counter)  # {EMPTY_TURNS: turns}
+    ignored_keys: Counter = field(default_factory=Counter)
+
+
+def is_row(keys: Any) -> bool:
+    """Whether a JSON object with these keys is one row of a known format (not a wrapper of rows)."""
+    cols = set(keys)
+    return {"chosen", "rejected"} <= cols or any(set(required) <= cols for required, _ in FORMAT_COLUMNS.values())
 
 
 def detect_format(columns: list[str], where: str) -> str:
@@ -120,23 +144,38 @@ def _json(value: Any, what: str, where: str) -> Any:
         raise UserError(f"{where}: {what} is not valid JSON ({e.msg} at column {e.colno})") from None
 
 
-def _content(value: Any, where: str) -> str:
-    """A turn's text: a string, or typed parts whose text parts are joined (media is refused)."""
+def _parts(value: Any, role: str, where: str) -> tuple[str, str, list[dict[str, Any]]]:
+    """A turn's text, reasoning and tool calls: from a string, or from typed parts.
+
+    Parts are `{type: text, text}` (OpenAI, transformers) or LLaMA-Factory v1's `{type, value}` with
+    types text, reasoning and tool_call (a JSON `{name, arguments}`); text parts are joined as they
+    are, reasoning parts one per line. Media parts are refused (text-only package).
+    """
     if value is None:
-        return ""
+        return "", "", []
     if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        texts = []
-        for k, part in enumerate(value):
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind in MEDIA_PARTS:
-                raise UserError(f"{where} content[{k}] is a media part ({kind}); {TEXT_ONLY}, so remove media from this data")
-            if kind != "text" or not isinstance(part.get("text"), str):
-                raise UserError(f"{where} content[{k}] is {part!r}; expected a part {{type: text, text: ...}}")
-            texts.append(part["text"])
-        return "".join(texts)
-    raise UserError(f"{where} content is a {type(value).__name__}, expected a string or a list of typed parts")
+        return value, "", []
+    if not isinstance(value, list):
+        raise UserError(f"{where} content is a {type(value).__name__}, expected a string or a list of typed parts")
+    texts: dict[str, list[str]] = {"text": [], "reasoning": []}
+    calls: list[dict[str, Any]] = []
+    for k, part in enumerate(value):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in MEDIA_PARTS:
+            raise UserError(f"{where} content[{k}] is a media part ({kind}); {TEXT_ONLY}, so remove media from this data")
+        body = part.get("text", part.get("value")) if kind in PART_TYPES else None
+        if not isinstance(body, (str, dict, list)) or (kind in ("text", "reasoning") and not isinstance(body, str)):
+            raise UserError(
+                f"{where} content[{k}] is {part!r}; expected a part {{type: text, text: ...}} or "
+                f"{{type: text|reasoning|tool_call, value: ...}}"
+            )
+        if kind != "text" and role != "assistant":
+            raise UserError(f"{where} content[{k}] is a {kind} part in a {role} turn; only assistant turns hold {kind}")
+        if kind in ("tool_call", "tool_calls"):
+            calls += _tool_calls(body, f"{where} content[{k}]")
+        else:
+            texts[kind].append(body)
+    return "".join(texts["text"]), "\n".join(texts["reasoning"]), calls
 
 
 def _tools(row: dict[str, Any], where: str) -> list[dict[str, Any]] | None:
@@ -178,33 +217,48 @@ def _tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
 
 
 def _turn_loss(turn: dict[str, Any], role: str, where: str) -> bool:
-    """Whether a turn carries loss: assistant turns do unless `loss_weight: 0` or `train: false`.
+    """Whether a turn carries loss: assistant turns do unless `loss_weight: 0`, `weight: 0` (OpenAI's
+    fine-tuning layout) or `train: false`.
 
     Weights are 0 or 1 only: trl's loss takes a 0/1 mask, so a fractional weight would be silently
-    rounded; it is refused instead.
+    rounded; it is refused instead, and so are flags that disagree.
     """
-    train = role == "assistant"
-    if "loss_weight" in turn and turn["loss_weight"] is not None:
-        w = turn["loss_weight"]
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or w not in (0, 1):
-            raise UserError(f"{where} loss_weight is {w!r}; only 0 or 1 is supported (a 0/1 loss mask per turn)")
-        train = w == 1
-    if "train" in turn and turn["train"] is not None:
+    flags = {}
+    for key in ("loss_weight", "weight"):
+        w = turn.get(key)
+        if w is not None:
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or w not in (0, 1):
+                raise UserError(f"{where} {key} is {w!r}; only 0 or 1 is supported (a 0/1 loss mask per turn)")
+            flags[key] = w == 1
+    if turn.get("train") is not None:
         if not isinstance(turn["train"], bool):
             raise UserError(f"{where} train is {turn['train']!r}; expected true or false")
-        train = turn["train"]
+        flags["train"] = turn["train"]
+    if len(set(flags.values())) > 1:
+        raise UserError(f"{where} has loss flags that disagree ({', '.join(f'{k}: {turn[k]}' for k in flags)})")
+    train = next(iter(flags.values()), role == "assistant")
     if train and role != "assistant":
         raise UserError(f"{where} is a {role} turn marked to carry loss; only assistant turns can")
     return train
 
 
-def _chat_turns(row: dict[str, Any], fmt: str, where: str) -> tuple[list[dict[str, Any]], list[bool]]:
+def _unused_keys(turn: dict[str, Any], fmt: str, role: str) -> list[str]:
+    """Keys of a turn that hold a value and that nothing renders (OpenAI's `name`, `refusal`, ...)."""
+    used = TURN_KEYS[fmt].get(role, {"role", "content"} if fmt == "messages" else {"from", "value"})
+    return [k for k, v in turn.items() if k not in used and k not in LOSS_KEYS and v not in (None, "", [], {})]
+
+
+def _chat_turns(
+    row: dict[str, Any], fmt: str, where: str
+) -> tuple[list[dict[str, Any]], list[bool], Counter]:
+    """The row's turns as chat messages, whether each carries loss, and the unused turn keys counted."""
     key = "messages" if fmt == "messages" else "conversations"
     turns = row.get(key)
     if not isinstance(turns, list):
         raise UserError(f"{where}: field '{key}' is a {type(turns).__name__}, expected a list of turns")
     out: list[dict[str, Any]] = []
     loss: list[bool] = []
+    unused: Counter = Counter()
     system = _field(row, "system", where, optional=True) if fmt == "sharegpt" else ""
     if system.strip() and not (turns and isinstance(turns[0], dict) and turns[0].get("from") == "system"):
         out.append({"role": "system", "content": system})
@@ -213,15 +267,19 @@ def _chat_turns(row: dict[str, Any], fmt: str, where: str) -> tuple[list[dict[st
         at = f"{where}: {key}[{j}]"
         if not isinstance(turn, dict):
             raise UserError(f"{at} is a {type(turn).__name__}, expected a mapping")
+        reasoning = ""
         if fmt == "messages":
             role, raw = turn.get("role"), turn.get("content")
             if role not in ROLES:
                 raise UserError(f"{at} has unknown role {role!r}; expected one of {', '.join(ROLES)}")
-            msg: dict[str, Any] = {"role": role, "content": _content(raw, at)}
+            text, reasoning, calls = _parts(raw, role, at)
+            msg: dict[str, Any] = {"role": role, "content": text}
             if role == "assistant" and turn.get("tool_calls"):
-                msg["tool_calls"] = _tool_calls(turn["tool_calls"], at)
+                calls = _tool_calls(turn["tool_calls"], at) + calls
             elif raw is None and role != "assistant":
                 raise UserError(f"{at} content is missing; expected a string")
+            if calls:
+                msg["tool_calls"] = calls
             if role == "tool":
                 for k in ("name", "tool_call_id"):
                     if isinstance(turn.get(k), str):
@@ -238,18 +296,24 @@ def _chat_turns(row: dict[str, Any], fmt: str, where: str) -> tuple[list[dict[st
             else:
                 msg = {"role": role, "content": value}
         if role == "assistant":
-            reasoning = next((turn[k] for k in ("reasoning_content", "thinking", "reasoning") if turn.get(k)), None)
-            if reasoning is not None:
+            given = [k for k in REASONING_KEYS if turn.get(k)]
+            if given and reasoning:
+                raise UserError(f"{at} holds reasoning both in '{given[0]}' and in a reasoning part; keep one")
+            if given:
+                reasoning = turn[given[0]]
                 if not isinstance(reasoning, str):
                     raise UserError(f"{at} reasoning is a {type(reasoning).__name__}, expected a string")
+                unused.update(given[1:])
+            if reasoning:
                 msg["reasoning_content"] = reasoning  # transformers also passes it as `thinking` (gpt-oss)
+        unused.update(_unused_keys(turn, fmt, role))
         out.append(msg)
         loss.append(_turn_loss(turn, role, at))
     if not any(m["role"] == "assistant" for m in out):
         raise UserError(f"{where}: the conversation has no assistant turn, so nothing would carry loss")
     if out[-1]["role"] != "assistant":
         raise UserError(f"{where}: the conversation ends on a {out[-1]['role']} turn; expected it to end on an assistant turn")
-    return out, loss
+    return out, loss, unused
 
 
 def _alpaca_prompt(row: dict[str, Any], template: str, where: str) -> str:
@@ -271,6 +335,10 @@ def _alpaca_prompt(row: dict[str, Any], template: str, where: str) -> str:
     return "".join(parts)
 
 
+def _has_output(turn: dict[str, Any]) -> bool:
+    return bool(turn["content"].strip() or turn.get("tool_calls") or turn.get("reasoning_content", "").strip())
+
+
 def _has_media(row: dict[str, Any]) -> str | None:
     return next((c for c in MEDIA_COLUMNS if row.get(c)), None)
 
@@ -284,11 +352,15 @@ def render_row(row: dict[str, Any], fmt: str, template: str, where: str) -> Exam
         text = _field(row, "text", where)
         return Example("text", text=text) if text.strip() else None
     if fmt in CHAT_FORMATS:
-        turns, loss = _chat_turns(row, fmt, where)
-        trained = [t for t, keep in zip(turns, loss) if keep]
-        if not any(t["content"].strip() or t.get("tool_calls") or t.get("reasoning_content") for t in trained):
+        turns, loss, unused = _chat_turns(row, fmt, where)
+        # An empty assistant turn would teach the model to stop at once: it carries no loss (counted).
+        empty = [i for i, t in enumerate(turns) if loss[i] and not _has_output(t)]
+        if len(empty) == sum(loss):
             return None
-        return Example("chat", messages=turns, tools=_tools(row, where), loss=loss)
+        for i in empty:
+            loss[i] = False
+        tools = _tools(row, where)
+        return Example("chat", messages=turns, tools=tools, loss=loss, empty_turns=len(empty), unused_keys=unused)
     if fmt == "prompt_completion":
         prompt, completion = _field(row, "prompt", where), _field(row, "completion", where)
     elif fmt == "dolly":
@@ -328,18 +400,7 @@ def _kto_label(row: dict[str, Any]) -> str | None:
     return next((k for k in KTO_LABELS if isinstance(row.get(k), bool)), None)
 
 
-def _warn_ignored(where: str, columns: list[str]) -> None:
-    """One stderr line per source naming the columns no format uses (rank 0 only, once per process)."""
-    new = [c for c in columns if (where, c) not in _warned]
-    if not new or os.environ.get("RANK", "0") != "0":
-        return
-    _warned.update((where, c) for c in new)
-    click.echo(f"warning: {where}: ignoring column{'s' if len(new) > 1 else ''} {', '.join(new)}", err=True)
-
-
-def render_rows(
-    rows: list[dict[str, Any]], labels: list[str], fmt: str, template: str, where: str, warn: bool = True
-) -> Rendered:
+def render_rows(rows: list[dict[str, Any]], labels: list[str], fmt: str, template: str, where: str) -> Rendered:
     """Detect (if `auto`) and render rows of one source (a chunk of it); `labels` name each row in errors.
 
     `dpo_chosen` trains on the chosen response of preference rows, `kto_good` keeps the rows whose
@@ -369,9 +430,7 @@ def render_rows(
     required, optional = FORMAT_COLUMNS[fmt]
     used = {*required, *optional, *MEDIA_COLUMNS}
     ignored = sorted({c for r in rows for c in r} - used)
-    if warn and ignored:
-        _warn_ignored(where, ignored)
-    rendered = Rendered(format=fmt, examples=[], dropped=dropped)
+    rendered = Rendered(format=fmt, examples=[], dropped=dropped, ignored_columns=ignored)
     for row, label in zip(rows, labels):
         ex = render_row(row, fmt, template, f"{where} {label}")
         if ex is None:
@@ -379,4 +438,6 @@ def render_rows(
         else:
             rendered.examples.append(ex)
             rendered.labels.append(label)
+            rendered.changed[EMPTY_TURNS] += ex.empty_turns
+            rendered.ignored_keys.update(ex.unused_keys)
     return rendered

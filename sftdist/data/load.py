@@ -6,7 +6,8 @@ Python list: jsonl is streamed line by line, and parquet/csv/Arrow are memory-ma
 and sliced. jsonl/json are parsed here rather than by `datasets`' json builder (gap filled: it
 reports a bad line or non-UTF-8 bytes as a pyarrow traceback without the line number, and it
 rejects rows whose types differ before we can say which row is wrong). A `.json` file is one
-document, so it is parsed whole.
+document, so it is parsed whole. A UTF-8 byte-order mark at the start (Windows tools write one) is
+read as UTF-8.
 """
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from sftdist.data.formats import is_row
 from sftdist.errors import UserError
 from sftdist.recipe import SourceConfig
+
+BOM = b"\xef\xbb\xbf"
 
 
 @dataclass
@@ -29,37 +33,45 @@ class Rows:
     labels: list[str]
 
 
-def _iter_jsonl(path: Path, chunk_rows: int) -> Iterator[Rows]:
-    rows: list[dict[str, Any]] = []
-    labels: list[str] = []
+def read_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line of a UTF-8 text file (a leading byte-order mark dropped), or
+    a one-line error naming the first line that is not UTF-8."""
     with path.open("rb") as f:
         for n, raw in enumerate(f, start=1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.removeprefix(BOM).decode("utf-8") if n == 1 else raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise UserError(f"{path} line {n}: bytes that are not UTF-8 at column {e.start + 1}") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path} line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise UserError(f"{path} line {n}: expected a JSON object, got {type(obj).__name__}")
-            rows.append(obj)
-            labels.append(f"line {n}")
-            if len(rows) == chunk_rows:
-                yield Rows(str(path), rows, labels)
-                rows, labels = [], []
+            yield n, line
+
+
+def _iter_jsonl(path: Path, chunk_rows: int) -> Iterator[Rows]:
+    rows: list[dict[str, Any]] = []
+    labels: list[str] = []
+    for n, line in read_lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise UserError(f"{path} line {n}: expected a JSON object, got {type(obj).__name__}")
+        rows.append(obj)
+        labels.append(f"line {n}")
+        if len(rows) == chunk_rows:
+            yield Rows(str(path), rows, labels)
+            rows, labels = [], []
     if rows:
         yield Rows(str(path), rows, labels)
 
 
 def _read_json(path: Path) -> Rows:
+    data = path.read_bytes().removeprefix(BOM)
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        line = data[: e.start].count(b"\n") + 1
         raise UserError(f"{path} line {line}: bytes that are not UTF-8") from None
     try:
         obj = json.loads(text)
@@ -67,12 +79,9 @@ def _read_json(path: Path) -> Rows:
         if e.pos > 0 and text.lstrip().startswith("{") and "\n" in text.strip():
             return _merge(list(_iter_jsonl(path, 1 << 62)), str(path))  # a .json file holding JSON lines
         raise UserError(f"{path} line {e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-    if isinstance(obj, dict):  # {"data": [...]} or a single column-oriented mapping
+    if isinstance(obj, dict):  # one row (a conversation, a record), or a wrapper {"data": [rows]}
         lists = [v for v in obj.values() if isinstance(v, list)]
-        if len(obj) == 1 and lists:
-            obj = lists[0]
-        else:
-            obj = [obj]
+        obj = lists[0] if len(obj) == 1 and lists and not is_row(obj) else [obj]
     if not isinstance(obj, list):
         raise UserError(f"{path}: expected a JSON list of objects, got {type(obj).__name__}")
     for i, row in enumerate(obj, start=1):

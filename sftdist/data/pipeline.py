@@ -1,10 +1,11 @@
 """Recipe `data:` -> the rows every rank trains on, built into one directory, plus a report.
 
 The data path is one step per module: `load` (a source's rows, in chunks) -> `formats` (detect
-and render) -> `encode` (token ids + loss mask, batched) -> here (weights, eval split, labels) ->
-`pack` (best-fit decreasing, once) -> `cache` (fingerprinted entry, built once per job,
-memory-mapped by every rank). `sftdist prepare`, `train`, `data` and `data --check` all go through
-`build`, so what the report says is what training sees.
+and render) -> `encode` (token ids + loss mask, batched) -> here (labels, the report) -> `mix`
+(eval split, then weights) -> `pack` (best-fit decreasing, once) -> `cache` (fingerprinted entry,
+built once per job, memory-mapped by every rank). `sftdist prepare`, `train`, `data` and `data
+--check` all go through `build`, so what the report says is what training sees, and the report's
+counts give the same warnings (data/notices.py) on every run.
 
 No step holds the data set as Python objects: each chunk of rows is encoded and appended to an
 Arrow file at once, and mixing, splitting and packing work on Arrow tables and index arrays.
@@ -26,6 +27,8 @@ import click
 from sftdist.data.encode import Encoded, Encoder, stop_token_ids
 from sftdist.data.formats import SELECT_FORMATS, render_rows
 from sftdist.data.load import iter_source
+from sftdist.data.mix import split_and_weight
+from sftdist.data.notices import source_warnings
 from sftdist.errors import UserError
 from sftdist.recipe import Recipe, SourceConfig
 
@@ -42,7 +45,10 @@ class SourceReport:
     role: str  # "train" | "eval"
     format: str
     rows: int = 0
-    dropped: dict[str, int] = field(default_factory=dict)
+    dropped: dict[str, int] = field(default_factory=dict)  # rows, by reason
+    changed: dict[str, int] = field(default_factory=dict)  # kept rows truncated, empty turns left out of the loss
+    ignored_columns: list[str] = field(default_factory=list)
+    ignored_keys: dict[str, int] = field(default_factory=dict)  # turn key -> turns holding it, unused
     kept: int = 0
     tokens: int = 0
     loss_tokens: int = 0
@@ -77,13 +83,11 @@ def make_encoder(recipe: Recipe, tokenizer: Any) -> Encoder:
     return Encoder(tokenizer, d.max_length, d.loss_on, d.truncate, stop_token_ids(tokenizer))
 
 
-def _warn_dropped(report: SourceReport) -> None:
-    """One stderr line per source with the counts (never one per row)."""
-    if not report.dropped:
-        return
-    dropped = sum(n for why, n in report.dropped.items() if not why.endswith("(kept)"))
-    reasons = ", ".join(f"{n} {why}" for why, n in report.dropped.items())
-    click.echo(f"warning: dropped {dropped} of {report.rows} rows of {report.where}: {reasons}", err=True)
+def warnings(report: SourceReport) -> list[str]:
+    """A source's warning lines (data/notices.py), from its report: the same on every run."""
+    return source_warnings(
+        report.where, report.rows, report.dropped, report.changed, report.ignored_columns, report.ignored_keys
+    )
 
 
 def _table(enc: Encoded) -> tuple[Any, int]:
@@ -125,6 +129,9 @@ class _Chunk:
     format: str
     rows: int
     dropped: Counter
+    changed: Counter
+    ignored_columns: list[str]
+    ignored_keys: Counter
     table: Any  # pyarrow.Table, or None when nothing was kept
     loss_tokens: int
     lengths: Any  # numpy array of tokens per kept sample
@@ -135,12 +142,13 @@ def _encode_chunk(chunk: Any, fmt: str, recipe: Recipe, encoder: Encoder) -> _Ch
 
     rendered = render_rows(chunk.rows, chunk.labels, fmt, recipe.data.template, chunk.where)
     enc = encoder.encode(rendered.examples, chunk.where, rendered.labels)
-    dropped = Counter(rendered.dropped)
-    dropped[f"longer than max_length {recipe.data.max_length}"] += enc.too_long
-    dropped[f"truncated to max_length {recipe.data.max_length} (kept)"] += enc.truncated
+    changed = rendered.changed + Counter({encoder.cut: enc.truncated})
     table, loss = _table(enc) if enc.input_ids else (None, 0)
     lengths = np.fromiter(map(len, enc.input_ids), dtype=np.int64, count=len(enc.input_ids))
-    return _Chunk(chunk.where, rendered.format, len(chunk.rows), dropped, table, loss, lengths)
+    return _Chunk(
+        chunk.where, rendered.format, len(chunk.rows), rendered.dropped + enc.dropped, changed,
+        rendered.ignored_columns, rendered.ignored_keys, table, loss, lengths,
+    )
 
 
 _worker: dict[str, Any] = {}  # inherited by each worker process through fork (see _encoded_chunks)
@@ -186,6 +194,9 @@ def _encode_source(
 
     report: SourceReport | None = None
     dropped: Counter = Counter()
+    changed: Counter = Counter()
+    ignored: set[str] = set()
+    ignored_keys: Counter = Counter()
     lengths: list[Any] = []
     start, writer = time.perf_counter(), None
     try:
@@ -194,6 +205,9 @@ def _encode_source(
                 report = SourceReport(done.where, role, source_format(src, done.format))
             report.rows += done.rows
             dropped.update(done.dropped)
+            changed.update(done.changed)
+            ignored.update(done.ignored_columns)
+            ignored_keys.update(done.ignored_keys)
             if done.table is not None:
                 if writer is None:
                     writer = pa.ipc.new_stream(str(out_file), done.table.schema)
@@ -208,32 +222,24 @@ def _encode_source(
             writer.close()
     assert report is not None  # iter_source raises on a source without rows
     report.dropped = {why: n for why, n in dropped.items() if n}
+    report.changed = {why: n for why, n in changed.items() if n}
+    report.ignored_keys = dict(ignored_keys)
+    report.ignored_columns = sorted(ignored)
     all_lengths = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
     report.kept, report.tokens = len(all_lengths), int(all_lengths.sum())
     report.percentiles = _percentiles(all_lengths)
     if not report.kept:
-        too_long = dropped[f"longer than max_length {recipe.data.max_length}"]
+        too_long = dropped[encoder.too_long] + dropped[encoder.no_loss_left]
         if too_long and too_long == report.rows - dropped["empty response"] - dropped["labelled bad"]:
+            what, fix = ("have no loss-carrying token within", "") if recipe.data.truncate else (
+                "are longer than", " or set data.truncate: true")
             raise UserError(
-                f"{report.where}: all {too_long} samples are longer than data.max_length="
-                f"{recipe.data.max_length}; raise max_length or set data.truncate: true"
+                f"{report.where}: all {too_long} samples {what} data.max_length={recipe.data.max_length}; raise max_length{fix}"
             )
         why = "has an empty response" if dropped["empty response"] == report.rows else "is dropped"
         why = "is labelled bad" if dropped["labelled bad"] == report.rows else why
         raise UserError(f"{report.where}: every one of its {report.rows} rows {why}; nothing to train on")
     return report
-
-
-def weighted_indices(n: int, weight: float, seed: int) -> Any:
-    """Mix by weight: 0.5 keeps a random half of a source's n samples, 2.0 repeats them twice, 1.5
-    once and a half (an index array, so that no sample is copied before it is written)."""
-    import numpy as np
-
-    whole, frac = int(weight), weight - int(weight)
-    parts = [np.arange(n)] * whole
-    if frac > 0:
-        parts.append(np.sort(np.random.default_rng(seed).choice(n, size=round(frac * n), replace=False)))
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
 def build(recipe: Recipe, tokenizer: Any, out: Path, progress: bool = True) -> DataReport:
@@ -252,47 +258,24 @@ def build(recipe: Recipe, tokenizer: Any, out: Path, progress: bool = True) -> D
     d = recipe.data
     encoder = make_encoder(recipe, tokenizer)
     reports: list[SourceReport] = []
-    parts: dict[str, list[tuple[Any, Any]]] = {"train": [], "eval": []}  # (dataset, indices)
+    parts: dict[str, list[Any]] = {"train": [], "eval": []}
     for role, sources in (("train", d.train), ("eval", d.eval)):
         for i, src in enumerate(sources):
             file = out / f"source-{role}-{i}.arrow"
-            report = _encode_source(src, role, recipe, encoder, file, progress)
-            reports.append(report)
-            ds = Dataset.from_file(str(file))
-            if role == "train":
-                idx = weighted_indices(len(ds), src.weight, d.seed + i)
-                if not len(idx):
-                    raise UserError(
-                        f"{recipe.source}: data.train[{i}].weight {src.weight} keeps none of the {len(ds)} samples "
-                        f"of {report.where}; raise the weight"
-                    )
-            else:
-                idx = np.arange(len(ds))
-            parts[role].append((ds, idx))
+            reports.append(_encode_source(src, role, recipe, encoder, file, progress))
+            parts[role].append(Dataset.from_file(str(file)))
 
-    def join(role: str) -> tuple[Any, Any]:
-        offsets = np.cumsum([0] + [len(ds) for ds, _ in parts[role]])
-        return (
-            concatenate_datasets([ds for ds, _ in parts[role]]),
-            np.concatenate([idx + off for (_, idx), off in zip(parts[role], offsets)]),
-        )
-
-    train_ds, train_idx = join("train")
-    if d.eval_fraction > 0 or recipe.shuffle_dataset:
-        train_idx = train_idx[np.random.default_rng(d.seed).permutation(len(train_idx))]
-    eval_ds, eval_idx = join("eval") if parts["eval"] else (None, np.zeros(0, dtype=np.int64))
-    if d.eval_fraction > 0:
-        n_eval = max(1, round(len(train_idx) * d.eval_fraction))
-        if n_eval >= len(train_idx):
-            raise UserError(
-                f"{recipe.source}: data.eval_fraction={d.eval_fraction} of {len(train_idx)} samples "
-                "leaves no training rows; lower it or add data"
-            )
-        split_off = train_idx[:n_eval]
-        train_idx = train_idx[n_eval:]
+    train_ds = concatenate_datasets(parts["train"])
+    train_idx, split_off = split_and_weight(
+        [len(ds) for ds in parts["train"]], [src.weight for src in d.train], [r.where for r in reports],
+        d.eval_fraction, recipe.shuffle_dataset, d.seed, str(recipe.source),
+    )
+    eval_ds = concatenate_datasets(parts["eval"]) if parts["eval"] else None
+    eval_idx = np.arange(len(eval_ds)) if eval_ds is not None else np.zeros(0, dtype=np.int64)
+    if len(split_off):
         if eval_ds is None:
             eval_ds, eval_idx = train_ds, split_off
-        else:  # eval sources first, then the split-off training samples
+        else:  # eval sources first, then the samples held out of the training sources
             eval_idx = np.concatenate([eval_idx, split_off + len(eval_ds)])
             eval_ds = concatenate_datasets([eval_ds, train_ds])
 
@@ -383,5 +366,6 @@ def prepare(recipe: Recipe, load_tokenizer: Callable[[], Any], force: bool = Fal
     report = DataReport.from_json((found.path / REPORT_FILE).read_text(encoding="utf-8"))
     if os.environ.get("RANK", "0") == "0":
         for source in report.sources:
-            _warn_dropped(source)
+            for line in warnings(source):
+                click.echo(line, err=True)
     return Prepared(found.path, report, found.how)

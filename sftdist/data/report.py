@@ -37,6 +37,8 @@ def padding_efficiency(lengths: list[int], batch_size: int, seed: int) -> float:
 def _source_lines(r: SourceReport) -> list[str]:
     dropped = ", ".join(f"{n} {why}" for why, n in r.dropped.items()) or "none"
     lines = [f"{r.role} source {r.where}", f"  format: {r.format}", f"  rows: {r.rows}, kept {r.kept}, dropped: {dropped}"]
+    if r.changed:
+        lines.append(f"  kept with changes: {', '.join(f'{n} {why}' for why, n in r.changed.items())}")
     if r.kept:
         p = r.percentiles
         lines.append(f"  tokens per sample: p50 {p['p50']} p90 {p['p90']} p99 {p['p99']} max {p['max']}")

@@ -2,7 +2,8 @@
 
 Each sample is decoded run by run, and the tokens that carry loss are marked: green on a terminal,
 `[[...]]` otherwise. This is how a mask (chat template, tool results, per-turn weights) is checked
-before any GPU time is spent; samples go through the same render and Encoder as training.
+before any GPU time is spent; samples go through the same render and Encoder as training, cut at
+`max_length` with `truncate` and marked as dropped without it, as training sees them.
 """
 
 from __future__ import annotations
@@ -49,6 +50,11 @@ def show_data(recipe: Recipe, n: int) -> None:
             rendered = render_rows(rows.rows, rows.labels, src.format, recipe.data.template, rows.where)
             click.echo(f"=== {role} source {rows.where} (format: {rendered.format})")
             for k, ex in enumerate(rendered.examples[:n], start=1):
-                ids, mask = encoder.encode_one(ex, f"{rows.where} sample {k}")
-                click.echo(f"--- sample {k}: {len(ids)} tokens, {sum(mask)} carry loss")
+                whole, mask = encoder.encode_one(ex, f"{rows.where} sample {k}")
+                ids, mask, outcome = encoder.fit(whole, mask)
+                if outcome in (encoder.too_long, encoder.no_loss_left):
+                    click.echo(f"--- sample {k}: {len(whole)} tokens, dropped in training: {outcome}")
+                    continue
+                cut = f" of {len(whole)} ({outcome})" if outcome else ""
+                click.echo(f"--- sample {k}: {len(ids)} tokens{cut}, {sum(mask)} carry loss")
                 click.echo(mark_loss(tokenizer, ids, mask, colour))

@@ -1,0 +1,206 @@
+"""Resuming a checkpoint written by another number of processes: what a checkpoint records about the run
+that wrote it, whether this run may continue it, and what continuing takes.
+
+Gaps filled: the Trainer resumes only at the world size that wrote the checkpoint and checks nothing
+(transformers #21271: "resume with identical hyperparameters"). At another world size it silently trains
+with another global batch, drops ZeRO optimizer partitions it cannot map (DeepSpeed #5405), and leaves new
+ranks without RNG state. Here:
+
+- Every checkpoint's completion marker records the run that wrote it (`facts`): processes, data-parallel
+  and sequence-parallel sizes, per-device batch, accumulation, global batch, strategy family and ZeRO stage,
+  and the fingerprint of its data.
+- `check` refuses, in one line naming the fix, a resume that would change the global batch, the data, or
+  the strategy family (plain ddp/single, DeepSpeed ZeRO-k, FSDP2). `global_batch_size` keeps the global batch
+  at any world size (recipe.accumulation).
+- With the global batch kept, the data position needs nothing more: the sampler's permutation does not
+  depend on the world size, accelerate deals consecutive per-device batches round-robin, and the Trainer
+  skips `step x accumulation` batches per rank, which is `step x global batch` samples at any world size.
+- ZeRO partitions are converted once to DeepSpeed's universal format (`to_universal`), which any world
+  size loads; torch DCP (FSDP2) and plain checkpoints (whole model and optimizer) load as they are.
+- RNG: a rank of the new world gets a state derived from the seed, the step and its rank (`seed_rng`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from sftdist import rundir
+from sftdist.errors import UserError
+from sftdist.recipe import Recipe, accumulation
+
+UNIVERSAL_SUFFIX = "_universal"
+FAMILY_WORDS = {"plain": "ddp/single (plain data parallelism)", "fsdp": "FSDP2"}
+FAMILY_STRATEGIES = {"plain": "ddp or single", "fsdp": "fsdp2"}
+
+
+def _family(distributed_type: str | None) -> str:
+    return {"DEEPSPEED": "deepspeed", "FSDP": "fsdp"}.get(distributed_type or "", "plain")
+
+
+def data_fingerprint(inputs: dict[str, Any]) -> dict[str, Any]:
+    """The data cache's fingerprint inputs, reduced to a digest and one digest per source (to name a change)."""
+
+    def digest(obj: Any) -> str:
+        return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    sources = {s["path"]: digest(s["identity"]) for role in ("train", "eval") for s in inputs["data"][role]}
+    return {"digest": digest(inputs), "sources": sources}
+
+
+def planned(recipe: Recipe, data: dict[str, Any]) -> dict[str, Any]:
+    """What this run is, from the recipe and what the launcher set, before the trainer exists."""
+    from sftdist import distributed
+
+    world = distributed.world_size()
+    accum = accumulation(recipe, world)
+    dp = world // recipe.sequence_parallel
+    return {
+        "world_size": world,
+        "data_parallel": dp,
+        "sequence_parallel": recipe.sequence_parallel,
+        "per_device_train_batch_size": recipe.per_device_batch,
+        "gradient_accumulation_steps": accum,
+        "global_batch": recipe.per_device_batch * accum * dp,
+        "distributed_type": distributed.launched_type(),
+        "zero_stage": distributed.launched_zero_stage(),
+        "data": data,
+    }
+
+
+def recorded(ckpt: Path) -> dict[str, Any]:
+    """What a checkpoint's marker says about the run that wrote it ({} for a marker that predates this)."""
+    try:
+        marker = json.loads((ckpt / rundir.COMPLETE_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return marker if isinstance(marker, dict) and "world_size" in marker else {}
+
+
+def _strategy_words(facts: dict[str, Any]) -> str:
+    family = _family(facts.get("distributed_type"))
+    return f"DeepSpeed ZeRO-{facts.get('zero_stage')}" if family == "deepspeed" else FAMILY_WORDS[family]
+
+
+def _suggested(facts: dict[str, Any]) -> str:
+    family = _family(facts.get("distributed_type"))
+    if family == "deepspeed":
+        stage = facts.get("zero_stage")
+        return f"zero{stage}" + (" or zero3-offload" if stage == 3 else "")
+    return FAMILY_STRATEGIES[family]
+
+
+def _data_change(old: dict[str, Any], new: dict[str, Any]) -> str:
+    changed = [p for p in sorted({*old["sources"], *new["sources"]}) if old["sources"].get(p) != new["sources"].get(p)]
+    if changed:
+        return "changed since: " + ", ".join(changed)
+    return "the tokenizer or the data settings changed since"
+
+
+def check(recipe: Recipe, ckpt: Path, old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """Refuse (UserError) a resume of `ckpt` that could not continue the same run; else say how it resumes
+    when the world size changed (None when nothing changed)."""
+    if not old:
+        return None  # a marker written before sftdist recorded the run: resumed as before
+    if old["data"]["digest"] != new["data"]["digest"]:
+        raise UserError(
+            f"{ckpt}: the training data {_data_change(old['data'], new['data'])} it was written, so its data "
+            "position points into other rows; restore the data, or pass --no-resume to start over"
+        )
+    same_family = _family(old["distributed_type"]) == _family(new["distributed_type"])
+    if not same_family or old["zero_stage"] != new["zero_stage"]:
+        raise UserError(
+            f"{ckpt}: written under {_strategy_words(old)}, and this run is {_strategy_words(new)}; a checkpoint "
+            f"resumes only under the strategy that wrote it, at any number of processes: use --strategy "
+            f"{_suggested(old)}, or `sftdist export {ckpt}` and start a new run from the exported model"
+        )
+    moved = old["world_size"] != new["world_size"]
+    if old["global_batch"] != new["global_batch"]:
+        src = recipe.source or "recipe"
+        if moved and recipe.global_batch_size is None:
+            raise UserError(
+                f"{ckpt}: written by {old['world_size']} processes with a global batch of {old['global_batch']}; "
+                f"on {new['world_size']} this run would train with {new['global_batch']}. Set global_batch_size: "
+                f"{old['global_batch']} in {src} (each run then derives its accumulation), or launch "
+                f"{old['world_size']} processes"
+            )
+        raise UserError(
+            f"{ckpt}: trained with a global batch of {old['global_batch']}; this run's is {new['global_batch']} "
+            f"(global_batch_size in {src}); keep {old['global_batch']} to resume, or pass --no-resume to start over"
+        )
+    if not moved:
+        return None
+    def processes(n: int) -> str:
+        return f"{n} process{'es' if n != 1 else ''}"
+
+    return (
+        f"step {json.loads((ckpt / rundir.COMPLETE_MARKER).read_text())['global_step']} written by "
+        f"{processes(old['world_size'])}, now on {new['world_size']} (global batch {new['global_batch']} kept: "
+        f"accumulation {old['gradient_accumulation_steps']} -> {new['gradient_accumulation_steps']})"
+    )
+
+
+def _zero_tag(ckpt: Path) -> str:
+    """The ZeRO checkpoint folder (global_stepN) the checkpoint's `latest` names."""
+    return (ckpt / "latest").read_text(encoding="utf-8").strip()
+
+
+def to_universal(ckpt: Path) -> float | None:
+    """Convert `ckpt`'s ZeRO partitions (written by another world size) to DeepSpeed's universal format, once:
+    into `ckpt/<tag>_universal`, built beside and renamed when whole, so a conversion killed midway is never
+    used and the next start converts again. Returns the seconds it took, or None when it was already there.
+
+    Gap filled: the Trainer's checkpoints lack DeepSpeed's `universal_checkpoint_info`, so `ds_to_universal`
+    refuses them ("Required universal_checkpoint_info state is missing") unless told to inject it, as
+    open-instruct does (PR #1517); and it writes `latest_universal` naming its output folder, which here is
+    the hidden one it is built in, so that pointer is written again after the rename.
+    """
+    tag = _zero_tag(ckpt)
+    out = ckpt / f"{tag}{UNIVERSAL_SUFFIX}"
+    took = None
+    if not (out.is_dir() and rundir.check_manifest(out) is None):
+        start = time.perf_counter()
+        workers = max(1, min(8, len(os.sched_getaffinity(0))))
+        with rundir.build_beside(out, replace=True) as tmp:
+            # In a process of its own: its worker pools fork, which deadlocks in a trainer whose torch and
+            # gloo threads are running (measured: ZeRO-3's extraction hung in a forked worker).
+            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt / tag),
+                   "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", str(workers),
+                   "--num_merge_workers", str(max(1, workers // 2))]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode:
+                raise RuntimeError(f"converting {ckpt / tag} to a universal checkpoint failed:\n{done.stderr[-3000:]}")
+            rundir.write_manifest(tmp)
+        took = time.perf_counter() - start
+    rundir.write_text_atomic(ckpt / "latest_universal", out.name)
+    return took
+
+
+def unshare_optimizer_steps(zero_optimizer: Any) -> None:
+    """Give every parameter group of a DeepSpeed optimizer loaded from a universal checkpoint its own step count.
+
+    Gap filled (DeepSpeed 0.19.8, ZeRO-3 universal load): every group's state gets the very same `step` tensor,
+    which torch's fused AdamW increments in place once per group, so the second group's bias correction runs a
+    step ahead of the first's (measured: the norms, AdamW's no-decay group, drifted by 20% of a step in the
+    first step after a 2 -> 1 process resume; the other weights were exact).
+    """
+    import torch
+
+    for state in getattr(zero_optimizer, "optimizer", zero_optimizer).state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+
+
+def seed_rng(seed: int, step: int, rank: int) -> None:
+    """Give this rank an RNG state derived from the run's seed, the step and its rank: the checkpoint's
+    per-rank states belong to another world and may not exist for this rank."""
+    from transformers import set_seed
+
+    derived = hashlib.sha256(f"{seed}:{step}:{rank}".encode()).digest()
+    set_seed(int.from_bytes(derived[:4], "little"))

@@ -1,0 +1,124 @@
+"""What travels with the models a run writes, and what export and generate do when their inputs
+change under them or ask for too much (the one-line refusals of damaged inputs are in test_errors).
+
+- The run's recipe and prompt style go into every checkpoint, `final/`, export and merged export, so
+  `generate` renders prompts as training did from any of them, with the data files gone.
+- A checkpoint that a running training rotates away while it is exported is one line, and nothing
+  is left behind.
+- `generate --max-new-tokens` stops at the model's context (one warning line), instead of failing
+  past it or running for minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import GPT2_TINY, REPO, run_cli
+from sftdist.rundir import MANIFEST, PROMPT_FILE, RUN_FILES
+
+CHAT_ROWS = [
+    {"messages": [{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": w}]}
+    for w in ("yes", "no", "maybe", "never")
+]
+CHAT_PROMPT = "<s><|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"  # the tiny model's template
+
+
+@pytest.fixture(scope="module")
+def chat_run(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Path:
+    """A LoRA run on chat rows only, with checkpoints at steps 1 and 2; its data file is deleted after
+    training, as on a machine the model was copied to."""
+    d = tmp_path_factory.mktemp("chat-run")
+    data = d / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in CHAT_ROWS))
+    recipe = {
+        "model": {"name_or_path": str(tiny_model)},
+        "method": "lora",
+        "lora": {"r": 4, "alpha": 8},
+        "data": {"train": [{"path": str(data)}], "max_length": 64},
+        "train": {"max_steps": 2, "save_steps": 1, "per_device_train_batch_size": 2, "report_to": []},
+        "output_dir": str(d / "run"),
+    }
+    (d / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    proc = run_cli("train", str(d / "recipe.yaml"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data.unlink()
+    return d / "run"
+
+
+def test_every_model_of_a_chat_run_renders_prompts_with_its_chat_template(chat_run: Path, tmp_path: Path):
+    from transformers import AutoTokenizer
+
+    from sftdist import prompt_style
+    from sftdist.generate import read_prompts
+
+    ckpt = chat_run / "checkpoint-1"
+    assert PROMPT_FILE in json.loads((ckpt / MANIFEST).read_text())  # verified like every file of the checkpoint
+    exported, merged = tmp_path / "exported", tmp_path / "merged"
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        exports = list(pool.map(lambda args: run_cli("export", str(ckpt), *args), [
+            ("--out", str(exported)), ("--out", str(merged), "--merge")]))
+        for proc in exports:
+            assert proc.returncode == 0, proc.stderr[-3000:]
+        for d in (exported, merged):
+            for name in RUN_FILES:
+                assert (d / name).read_bytes() == (chat_run / name).read_bytes(), (d, name)
+        answered = [ckpt, merged]  # an adapter and a full model, both used to render `### Instruction:` prompts
+        generated = list(pool.map(
+            lambda d: run_cli("generate", str(d), "--prompt", "hi", "--max-new-tokens", "1", "--greedy"), answered))
+    for d, proc in zip(answered, generated):
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        line = f"sftdist generate: prompts rendered as a user turn of the chat template ({d / PROMPT_FILE})"
+        assert line in proc.stderr.splitlines(), proc.stderr[-3000:]
+    for d in (ckpt, chat_run / "final", exported, merged):
+        tok = AutoTokenizer.from_pretrained(d)
+        (prompt,) = read_prompts(None, ["hi"], prompt_style.read(d), tok)
+        assert tok.decode(prompt.ids) == CHAT_PROMPT, d
+
+
+def test_export_of_a_checkpoint_rotated_away_midway_is_one_line(chat_run: Path, tmp_path: Path):
+    """The checkpoint is deleted (as rotation does) after export checked it, while it builds --out."""
+    ckpt = tmp_path / "run" / "checkpoint-2"
+    shutil.copytree(chat_run / "checkpoint-2", ckpt)
+    out = tmp_path / "new" / "exported"
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "tests" / "workers" / "stop_before_build.py"), "export", str(ckpt), "--out", str(out)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    _, status = os.waitpid(proc.pid, os.WUNTRACED)
+    assert os.WIFSTOPPED(status), "export ended before building --out"
+    shutil.rmtree(ckpt)
+    proc.send_signal(signal.SIGCONT)
+    _, err = proc.communicate(timeout=300)
+    assert "Traceback" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, err[-3000:]
+    assert lines[0].startswith(f"error: {ckpt}: ") and "vanished while exporting" in lines[0], lines[0]
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # no --out, no parent made for it, no hidden build
+
+
+def test_generate_stops_at_the_models_context(tmp_path: Path):
+    """A GPT-2 has no position past its context: generating beyond it used to fail with an IndexError."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from sftdist.rundir import copy_tokenizer
+
+    config = AutoConfig.from_pretrained(GPT2_TINY)
+    config.n_positions = 32
+    model = tmp_path / "short-context"
+    AutoModelForCausalLM.from_config(config).save_pretrained(model)
+    copy_tokenizer(GPT2_TINY, model)
+    proc = run_cli("generate", str(model), "--prompt", "hi", "--max-new-tokens", "100000", "--greedy")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warning = ("warning: --max-new-tokens 100000 goes past the model's context of 32 tokens; "
+               "each answer stops at the context")
+    assert warning in proc.stderr.splitlines(), proc.stderr

@@ -1,0 +1,202 @@
+"""A run resumed on another number of processes continues the same run (issue 17): with `global_batch_size`
+kept, the steps after the resume train the same samples with the same optimizer state as the uninterrupted
+2-process run, under ddp, ZeRO-2, ZeRO-3 and FSDP2.
+
+Each chain starts from a 2-process launch of tests/launched.py (checkpoints at steps 2 and 4) as it would be
+after a preemption following checkpoint-2 (a copy without the later checkpoint or the final model: the same
+files a SIGTERM after that checkpoint leaves, without a timing-dependent kill). It resumes on 1 process,
+saving every step (the saving cadence is not part of a run's identity), then its checkpoint-3 (written by 1
+process) resumes on 2 processes again. Each resumed run must say what changed, run with the derived
+accumulation, and match the uninterrupted run's per-step losses (LOSS_ATOL) and final weights (WEIGHT_ATOL):
+the same tolerances and reasons as tests/test_distributed.py (the same fp32 sums in another order).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import copy_run, run_cli
+from launched import LOSS_ATOL, WEIGHT_ATOL, final_weights, history, launch_args, trained
+from sftdist.rundir import COMPLETE_MARKER
+
+# strategy -> what it runs as on one process (ddp's one-process form is the plain single process).
+ONE_PROCESS = {"ddp": "single", "zero2": "zero2", "zero3": "zero3", "fsdp2": "fsdp2"}
+
+
+def stopped_at(run: Path, recipe: Path, dest: Path, step: int, **train: int) -> Path:
+    """A copy of `run` as it was right after its checkpoint-`step` (later checkpoints and the final model
+    gone), with `train` keys changed in its recipe; returns the copy's recipe."""
+    new = copy_run(run, recipe, dest)
+    for ckpt in dest.glob("checkpoint-*"):
+        if int(ckpt.name.split("-")[1]) > step:
+            shutil.rmtree(ckpt)
+    raw = yaml.safe_load(new.read_text())
+    raw["train"].update(train)
+    new.write_text(yaml.safe_dump(raw))
+    return new
+
+
+def resume(recipe: Path, strategy: str, processes: int) -> str:
+    args = launch_args(recipe, strategy)
+    if strategy != "single":
+        args[args.index("--num-processes") + 1] = str(processes)
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout
+
+
+def assert_same_run(resumed: Path, ref: Path, from_step: int) -> None:
+    losses, ref_losses = history(resumed)[0], history(ref)[0]
+    assert max(abs(a - b) for a, b in zip(losses[from_step:], ref_losses[from_step:])) <= LOSS_ATOL, (losses, ref_losses)
+    weights, ref_weights = final_weights(resumed), final_weights(ref)
+    assert weights.keys() == ref_weights.keys()
+    worst = max((weights[k].float() - ref_weights[k].float()).abs().max().item() for k in weights)
+    assert worst <= WEIGHT_ATOL, worst
+
+
+CHAINS = [("full", "ddp"), ("full", "zero2"), ("full", "zero3"), ("full", "fsdp2"), ("lora", "zero2")]
+
+
+@pytest.mark.parametrize("method, strategy", CHAINS, ids=[f"{m}-{s}" for m, s in CHAINS])
+def test_resume_on_one_process_then_on_two_continues_the_same_run(tmp_path, tmp_path_factory, tiny_model,
+                                                                   demo_rows, method, strategy):
+    run = trained(tmp_path_factory, tiny_model, demo_rows, method, strategy)
+    zero = strategy.startswith("zero")
+    conversion = "; ZeRO checkpoint converted to universal in " if zero else "\n"
+    accumulation = 2 if strategy == "ddp" else 1  # per-device batch 1 under ddp, 2 otherwise
+
+    # 2 processes -> 1: accumulation doubles, the global batch stays 4.
+    one = tmp_path / "one"
+    out = resume(stopped_at(run, run.parent / "recipe.yaml", one, 2, save_steps=1), ONE_PROCESS[strategy], 1)
+    assert (f"sftdist: resuming from {one / 'checkpoint-2'}: step 2 written by 2 processes, now on 1 (global batch 4 "
+            f"kept: accumulation {accumulation} -> {2 * accumulation}){conversion}") in out
+    state = json.loads((one / "sftdist_run.json").read_text())["distributed"]
+    assert (state["num_processes"], state["gradient_accumulation_steps"], state["global_batch"]) == (1, 2 * accumulation, 4)
+    assert json.loads((one / "checkpoint-3" / COMPLETE_MARKER).read_text())["world_size"] == 1
+    assert_same_run(one, run, 2)
+    if zero:  # converted once into the checkpoint, atomically, and named for DeepSpeed's loader
+        assert (one / "checkpoint-2" / "latest_universal").read_text() == "global_step2_universal"
+        assert not list((one / "checkpoint-2").glob(".*partial*"))
+    if method != "full":
+        return
+
+    # 1 process -> 2: from the checkpoint the one-process run wrote.
+    two = tmp_path / "two"
+    out = resume(stopped_at(one, one.parent / "one.yaml", two, 3), strategy, 2)
+    assert (f"sftdist: resuming from {two / 'checkpoint-3'}: step 3 written by 1 process, now on 2 (global batch 4 "
+            f"kept: accumulation {2 * accumulation} -> {accumulation}){conversion}") in out
+    state = json.loads((two / "sftdist_run.json").read_text())["distributed"]
+    assert (state["num_processes"], state["global_batch"]) == (2, 4)
+    assert_same_run(two, run, 3)
+
+
+def snapshot(root: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+def refused(args: list[str], run: Path) -> str:
+    """The one `error:` line a refused command prints; it must leave `run` exactly as it was."""
+    before = snapshot(run)
+    proc = run_cli(*args)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
+    assert snapshot(run) == before
+    return lines[0]
+
+
+def test_resumes_that_cannot_continue_the_same_run_are_refused_in_one_line(tmp_path, tmp_path_factory, tiny_model,
+                                                                            demo_rows):
+    run = trained(tmp_path_factory, tiny_model, demo_rows, "full", "ddp")  # 2 processes x batch 1 x accumulation 2
+    recipe = stopped_at(run, run.parent / "recipe.yaml", tmp_path / "copy", 2)
+    copy = tmp_path / "copy"
+
+    # A number of processes that global_batch_size 4 (batch 1) does not divide: refused before any process starts.
+    line = refused(["launch", str(recipe), "--strategy", "ddp", "--num-processes", "3"], copy)
+    assert line == (f"error: {recipe}: global_batch_size 4 with per_device_train_batch_size 1 needs a number of "
+                    "processes whose data-parallel share divides 4: 1, 2, 4; got 3")
+
+    # Another world size without global_batch_size: the run would silently train with another global batch.
+    raw = yaml.safe_load(recipe.read_text())
+    raw.pop("global_batch_size")
+    raw["train"]["gradient_accumulation_steps"] = 2  # what the 2 processes ran: the same run, said another way
+    (tmp_path / "accumulation.yaml").write_text(yaml.safe_dump(raw))
+    line = refused(["train", str(tmp_path / "accumulation.yaml")], copy)
+    assert line == (f"error: {copy / 'checkpoint-2'}: written by 2 processes with a global batch of 4; on 1 this run "
+                    f"would train with 2. Set global_batch_size: 4 in {tmp_path / 'accumulation.yaml'} (each run then "
+                    "derives its accumulation), or launch 2 processes")
+
+    # Another strategy family: a ddp checkpoint has no ZeRO partitions (DeepSpeed used to fail with a traceback).
+    line = refused(["launch", str(recipe), "--strategy", "zero2", "--num-processes", "2"], copy)
+    assert line == (f"error: {copy / 'checkpoint-2'}: written under ddp/single (plain data parallelism), and this run "
+                    "is DeepSpeed ZeRO-2; a checkpoint resumes only under the strategy that wrote it, at any number of "
+                    f"processes: use --strategy ddp or single, or `sftdist export {copy / 'checkpoint-2'}` and start a "
+                    "new run from the exported model")
+
+
+def test_a_changed_data_file_is_refused_naming_it(tmp_path, tmp_path_factory, tiny_model, demo_rows):
+    """Rows appended to the data file after a stop: resuming would point the data position into other rows."""
+    from conftest import decide
+    from sftdist.recipe import load_recipe
+
+    run = trained(tmp_path_factory, tiny_model, demo_rows, "full", "ddp")
+    data = tmp_path / "train.jsonl"
+    shutil.copy(demo_rows, data)
+    recipe = stopped_at(run, run.parent / "recipe.yaml", tmp_path / "copy", 2)
+    copy = tmp_path / "copy"
+    for path in (recipe, copy / "sftdist_recipe.yaml"):  # the same run, on its own copy of the data
+        raw = yaml.safe_load(path.read_text())
+        raw["data"]["train"][0]["path"] = str(data)
+        path.write_text(yaml.safe_dump(raw))
+    marker = copy / "checkpoint-2" / COMPLETE_MARKER
+    written = json.loads(marker.read_text())
+    # The checkpoint as this run writes it about this data file (its fingerprint, as `sftdist train` computes it).
+    from sftdist.data.cache import fingerprint_inputs
+    from sftdist.model import load_tokenizer
+    from sftdist.resume import data_fingerprint
+
+    loaded = load_recipe(recipe)
+    marker.write_text(json.dumps({**written, "data": data_fingerprint(fingerprint_inputs(
+        loaded, lambda: load_tokenizer(loaded)))}))
+    assert decide(loaded).action == "resume"
+
+    with data.open("a") as f:
+        f.write(demo_rows.read_text().splitlines()[0] + "\n")
+    line = refused(["train", str(recipe)], copy)
+    assert line == (f"error: {copy / 'checkpoint-2'}: the training data changed since: {data} it was written, so its "
+                    "data position points into other rows; restore the data, or pass --no-resume to start over")
+
+
+def test_universal_conversion_is_atomic_and_done_once(tmp_path, tmp_path_factory, tiny_model, demo_rows):
+    import socket
+
+    from sftdist import rundir
+    from sftdist.resume import to_universal
+
+    run = trained(tmp_path_factory, tiny_model, demo_rows, "full", "zero2")
+    ckpt = tmp_path / "checkpoint-2"
+    shutil.copytree(run / "checkpoint-2", ckpt)
+    # What a conversion killed midway leaves: its hidden build folder (of a pid that is gone) half-written,
+    # and DeepSpeed's pointer to it.
+    host = socket.gethostname().replace("-", "_")
+    killed = ckpt / f".global_step2_universal.partial-{host}-999999999"
+    (killed / "zero").mkdir(parents=True)
+    (killed / "zero" / "half.pt").write_bytes(b"half")
+    (ckpt / "latest_universal").write_text(killed.name)
+
+    took = to_universal(ckpt)
+    universal = ckpt / "global_step2_universal"
+    assert took is not None and took > 0
+    assert not killed.exists() and rundir.check_manifest(universal) is None
+    assert (ckpt / "latest_universal").read_text() == universal.name
+    assert {p.name for p in (universal / "zero").iterdir()} >= {"optimizer_state.pt", "model.norm.weight"}
+    assert to_universal(ckpt) is None  # a second start finds it converted
+    # A converted folder that lost a file since is converted again, never used.
+    victim = universal / "zero" / "model.norm.weight" / "fp32.pt"
+    victim.write_bytes(victim.read_bytes()[:10])
+    assert to_universal(ckpt) is not None and rundir.check_manifest(universal) is None
