@@ -28,6 +28,8 @@ FRAGMENTATION = {"zero3": 0.12, "zero3-offload": 0.12, "fsdp2": 0.12}
 FRAGMENTATION_DEFAULT = 0.05
 # The calibration table's spread: a plan within this share of the GPU is "tight", not "fits".
 UNCERTAINTY = 0.10
+# Planned / measured peak over the published runs of docs/plan.md's calibration (tests/plan_calibration.py).
+CALIBRATED_BAND = (0.90, 1.40)
 # trl's fused LM head (add_fused_lm_head) scores tiles of 1024 tokens x 32768 vocabulary entries in fp32.
 LOGPROB_TILE_TOKENS, LOGPROB_TILE_VOCAB = 1024, 32768
 PER_TOKEN_OUTPUTS = 16  # fp32 log-prob, entropy, top-1 and log-sum-exp per token from that head

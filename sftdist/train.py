@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sftdist import checkpoint, distributed, fast_head, preflight, seqpar
+from sftdist import checkpoint, distributed, fast_head, preflight, seqpar, throughput
 from sftdist.errors import EXIT_PREEMPTED, UserError
 from sftdist.recipe import Recipe, accumulation, train_kwargs, typed_train
 from sftdist.resume import data_fingerprint, planned
@@ -87,6 +87,7 @@ def build_trainer(recipe: Recipe, args: Any, tokenizer: Any, data: Prepared, mod
     fast_head.install(trainer)  # CPU: trl's fused head scores every position and attends across the flat batch
     seqpar.install(trainer, recipe)  # sequence parallelism: the loss and resume that single training has
     distributed.install_callbacks(trainer)
+    throughput.install(trainer, data)  # tokens/s per device and MFU in the logs and the run's metrics
     return trainer
 
 
