@@ -96,7 +96,9 @@ def test_sft_bench(runs: dict, work: Path) -> None:
                      rf"\*\*{NUMBER}x\*\* \({NUMBER} and {NUMBER} packs", text)  # fmt: skip
     assert prep and all(float(g) > 0 for g in prep.groups()), text
     assert re.search(rf"`sftdist --help`: {NUMBER} s", text), text
-    assert "Failed to load" not in text and "Traceback" not in text
+    # The children's logs (shown when one fails) hold no library notes, e.g. bitsandbytes' about `kernels`.
+    logs = {str(p): p.read_text() for p in (work / "sft").rglob("*") if p.suffix in (".txt", ".log")} | {"out": text}
+    assert not [name for name, log in logs.items() if "Failed to load" in log or "Traceback" in log], logs
 
     run = work / "sft" / "runs" / "C-0"
     assert json.loads((run / "output" / "sftdist_run.json").read_text())["metrics"]["train_loss"] > 0
@@ -123,9 +125,9 @@ def test_merge_memory(runs: dict) -> None:
         line = next((line for line in text.splitlines() if line.startswith(name)), None)
         assert line, text
         peak, above, _, vs_peft, wall = (float(x) for x in line[len(name):].split())
-        assert 100 < peak < 20_000 and above >= 0 and vs_peft > 0 and wall > 0, line
-    match = re.search(rf"ratio streaming/peft: {NUMBER} total, {NUMBER} above baseline", text)
-    assert match and all(0 < float(g) < 10 for g in match.groups()), text
+        assert 100 < peak < 20_000 and abs(above) < peak and vs_peft > 0 and wall > 0, line
+    match = re.search(rf"ratio streaming/peft: {NUMBER} total, -?{NUMBER} above baseline", text)
+    assert match and 0 < float(match.group(1)) < 10, text
 
 
 def test_sp_memory(runs: dict) -> None:
