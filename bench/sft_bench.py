@@ -430,10 +430,11 @@ def report(results: list[dict[str, Any]], names: list[str], prep: dict | None, h
            opts: argparse.Namespace, size: int, shape: dict[str, Any]) -> str:
     by = {n: [r for r in results if r["name"] == n] for n in names}
     first = by[names[0]][0]
+    held = len(_read_jsonl(opts.work / "heldout.jsonl"))
     lines = [
         f"Model: Llama, {shape['num_hidden_layers']} layers, hidden {shape['hidden_size']}, "
         f"{size:,} parameters (GPT-2 vocabulary). Data: {first['samples']} dolly rows for one epoch, eval loss on "
-        f"{len(_read_jsonl(opts.work / 'heldout.jsonl'))} held-out rows; lr {opts.lr}; {'bf16 autocast' if first['bf16'] else 'fp32'} for every run; "
+        f"{held} held-out rows; lr {opts.lr}; {'bf16 autocast' if first['bf16'] else 'fp32'} for every run; "
         f"{opts.reps} alternating repetitions (medians shown).",
         "",
         "| run | samples/s | samples/CPU-s | real tokens/s | padding share | peak RSS MiB | optimizer steps | eval loss |",

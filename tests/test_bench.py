@@ -3,7 +3,8 @@ expected fields and sane values, so that none can rot unseen between the runs be
 
 Timings are not asserted (they are measured in bench/, as ratios). The four scripts start together: each
 spends most of its time importing libraries in one single-threaded process after another, so on two cores
-they finish in about the time of the longest two.
+the module takes about the time of the longest, sft_bench's chain of nine processes (setup, three runs and
+their evaluations, two preparations), rather than the sum of the four.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ NUMBER = r"([0-9][0-9,]*\.?[0-9]*)"
 
 
 def _invocations(tmp: Path) -> dict[str, list[str]]:
-    """The smallest invocation of each script, as bench/README.md names its flags."""
+    """The smallest invocation of each script (data_bench without its 2-process launch, see test_data_bench)."""
     return {
         "sft_bench": ["bench/sft_bench.py", "--smoke", "--work", str(tmp / "sft")],
         "data_bench": ["bench/data_bench.py", "--rows", "300", "--no-launch", "--work", str(tmp / "data")],
@@ -108,7 +109,8 @@ def test_sft_bench(runs: dict, work: Path) -> None:
 
 def test_data_bench(runs: dict) -> None:
     """trl's preparation, sftdist's build, a cold and a warm `sftdist prepare` (the script checks that the warm
-    one is a cache hit). Its 2-process launch is left out (--no-launch): two more processes of 15 s each."""
+    one is a cache hit). Its 2-process launch is left out (--no-launch): two more processes for ~15 s, on a
+    path the launch tests cover."""
     text = output(runs, "data_bench")
     (row,) = {tuple(r) for r in table_rows(text, "300")}
     trl, build, speedup, cold, warm, share = row[1:]

@@ -676,13 +676,15 @@ def c33_hub_data_set_unreachable(d, ctx):
 
 @case
 def c33_plan_hub_model_unreachable(d, ctx):
-    argv = ["plan", recipe(d, "nosuch-org/nosuch-model", [{"path": "unused.jsonl"}]), "--gpus", "1", "--gpu-memory", "80GiB"]
+    plan_recipe = recipe(d, "nosuch-org/nosuch-model", [{"path": "unused.jsonl"}])
+    argv = ["plan", plan_recipe, "--gpus", "1", "--gpu-memory", "80GiB"]
     return argv, ("nosuch-org/nosuch-model", "its config.json", *NO_HUB), no_hub(d)
 
 
 @case
 def c33_train_before_the_model_is_built(d, ctx):
-    """The README's `train recipes/demo.yaml` before `make-tiny-model models/tiny`: a relative path that reads as a hub id."""
+    """The README's `train recipes/demo.yaml` before `make-tiny-model models/tiny`: a relative path that reads
+    as a hub id."""
     return train(d, ctx, model="models/not-built-yet"), ("models/not-built-yet", *NO_HUB), no_hub(d)
 
 
