@@ -10,7 +10,13 @@ $(BIN)/sftdist: pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
-.PHONY: demo test
+# The GPU kit (README "On a GPU machine"): wheels for Python 3.12 on x86_64 Linux that a CUDA image lacks,
+# install.sh and gpu-check.sh, at most 40 MiB. Downloads, so it is not part of `make test`.
+GPU_KIT ?= build/gpu-kit
+# bitsandbytes ships a library per CUDA version; keep the one of the target's torch (CUDA 13.0: 130).
+BNB_CUDA ?= 130
+
+.PHONY: demo test gpu-kit
 demo: $(BIN)/sftdist
 	$(BIN)/sftdist make-tiny-model models/tiny
 	$(BIN)/sftdist train recipes/demo.yaml --overwrite
@@ -19,3 +25,6 @@ demo: $(BIN)/sftdist
 
 test: $(BIN)/sftdist
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -p no:cacheprovider
+
+gpu-kit: $(BIN)/sftdist
+	$(BIN)/python launch/gpu-kit/build_kit.py --out $(GPU_KIT) --bnb-cuda $(BNB_CUDA)

@@ -80,13 +80,25 @@ def worker(model_dir: str, tokens: int, out: str) -> None:
         torch.distributed.destroy_process_group()
 
 
-def run(model_dir: str, tokens: int, procs: int, threads: int) -> list[dict]:
+def run_workers(script: str, procs: int, threads: int, worker_args: list[str]) -> list[dict]:
+    """Run `script --worker WORKER_ARGS --out DIR` as a torchrun group of `procs` ranks of `threads` threads each;
+    the rank{N}.json reports the ranks write to DIR, in rank order (also bench/sp_packing.py's runner)."""
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
-               __file__, "--worker", "--model", model_dir, "--tokens", str(tokens), "--out", out]
+               script, "--worker", *worker_args, "--out", out]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         return [json.loads(p.read_text()) for p in sorted(Path(out).glob("rank*.json"))]
+
+
+def model_or_tiny(model: str | None, tmp: str) -> str:
+    """`model`, or the tiny model (`sftdist make-tiny-model`) built in `tmp`."""
+    if model is not None:
+        return model
+    from sftdist.tiny import make_tiny_model
+
+    make_tiny_model(str(Path(tmp) / "tiny"), seed=0)
+    return str(Path(tmp) / "tiny")
 
 
 def main() -> None:
@@ -104,15 +116,10 @@ def main() -> None:
         sys.exit(f"--tokens {args.tokens} must be a multiple of --sp {args.sp}")
     cores = len(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model
-        if model is None:
-            from sftdist.tiny import make_tiny_model
-
-            model = str(Path(tmp) / "tiny")
-            make_tiny_model(model, seed=0)
+        worker_args = ["--model", model_or_tiny(args.model, tmp), "--tokens", str(args.tokens)]
         # Both runs use every core: 1 process x all threads, N processes x cores/N threads.
-        base = run(model, args.tokens, 1, cores)
-        sp = run(model, args.tokens, args.sp, max(1, cores // args.sp))
+        base = run_workers(__file__, 1, cores, worker_args)
+        sp = run_workers(__file__, args.sp, max(1, cores // args.sp), worker_args)
     mib = 1 / 2**20
     print(f"model {args.model or 'tiny (sftdist make-tiny-model)'}, one sample of {args.tokens} tokens, fp32, "
           f"{cores} CPU cores")

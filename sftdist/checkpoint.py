@@ -21,6 +21,7 @@ import functools
 import json
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -350,6 +351,7 @@ def make_trainer_class(base: type, max_shard_size: str) -> type:
             if self.args.should_save and ckpt.exists():  # a leftover of an earlier try: start it empty
                 shutil.rmtree(ckpt)
             self.accelerator.wait_for_everyone()
+            start = time.perf_counter()
             limit = self.args.save_total_limit
             self.args.save_total_limit = None  # rotate only once the new checkpoint is complete
             try:
@@ -365,6 +367,7 @@ def make_trainer_class(base: type, max_shard_size: str) -> type:
                     write_json_atomic(ckpt / COMPLETE_MARKER, {"global_step": self.state.global_step,
                                                                **self.sftdist_facts})
                 _rotate(run_dir, limit)
+                print(f"sftdist: {ckpt.name} written in {time.perf_counter() - start:.1f} s", flush=True)
             self.accelerator.wait_for_everyone()
 
     return SftdistTrainer

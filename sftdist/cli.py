@@ -12,6 +12,7 @@ import sys
 import click
 
 from sftdist.errors import EXIT_USER_ERROR, UserError
+from sftdist.strategies import STRATEGIES
 
 SET_HELP = "Override a recipe key, e.g. --set train.max_steps=50 (repeatable)."
 PORT = click.IntRange(1, 65535)
@@ -290,6 +291,54 @@ def export(checkpoint: str, out: str, merge: bool, max_shard_size: str) -> None:
     from sftdist.export import export_checkpoint
 
     click.echo(f"wrote {export_checkpoint(checkpoint, out, merge=merge, max_shard_size=max_shard_size)}")
+
+
+@cli.command()
+@click.option("--size", metavar="tiny|125m|1b|8b|PATH/config.json",
+              help="Model shape (Llama layout, random weights) [default: tiny on CPU, 1b on a GPU].")
+@click.option("--method", type=click.Choice(["full", "lora", "qlora"]), default="full", show_default=True)
+@click.option("--steps", type=click.IntRange(min=2), default=20, show_default=True,
+              help="Optimizer steps; the first few are warm-up and left out of tokens/s.")
+@click.option("--max-length", type=click.IntRange(min=8), help="Tokens per packed row [default: 128 for tiny, 4096 for 1b and 8b].")
+@click.option("--batch", type=COUNT, help="Packed rows per device per step [default: 8 for tiny, 4 for 1b, 2 for 8b].")
+@click.option("--strategy", type=click.Choice(list(STRATEGIES)), default="single", show_default=True,
+              help="Run one process per GPU under `accelerate launch` with this strategy, as `sftdist launch` does.")
+@click.option("--num-processes", type=COUNT, help="With --strategy: processes [default: every visible GPU; required on CPU].")
+@click.option("--baseline", is_flag=True, help="Also train with trl's plain SFTTrainer on the same samples and model.")
+@click.option("--out", type=click.Path(dir_okay=False), help="Write the JSON report to this file.")
+@click.option("--peak-tflops", type=click.FloatRange(min=0, min_open=True),
+              help="Dense bf16 peak of one device in TFLOP/s, for the MFU [default: sftdist's table of GPUs].")
+@click.option("--work", type=click.Path(file_okay=False),
+              help="Keep the random models and runs here, reused by the next selftest [default: a temporary folder].")
+@click.option("--worker", hidden=True, type=click.Path(dir_okay=False))  # one launched process of a selftest
+def selftest(
+    size: str | None,
+    method: str,
+    steps: int,
+    max_length: int | None,
+    batch: int | None,
+    strategy: str,
+    num_processes: int | None,
+    baseline: bool,
+    out: str | None,
+    peak_tflops: float | None,
+    work: str | None,
+    worker: str | None,
+) -> None:
+    """Train a random model of a published shape on the bundled data with sftdist's own trainer, and report
+    tokens/s, MFU, peak memory against `sftdist plan`, what ran, and the packing check."""
+    if worker:
+        import json
+        from pathlib import Path
+
+        from sftdist.selftest_rank import run
+
+        run(json.loads(Path(worker).read_text(encoding="utf-8")))
+        return
+    from sftdist.selftest import Options, main
+
+    main(Options(size=size, method=method, steps=steps, max_length=max_length, batch=batch, strategy=strategy,
+                 num_processes=num_processes, baseline=baseline, out=out, peak_tflops=peak_tflops, work=work))
 
 
 def main() -> None:

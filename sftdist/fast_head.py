@@ -26,8 +26,9 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplie
                      "logits_scaling")
 # Attention that separates packed samples with a mask over the whole row (varlen kernels need no regrouping).
 _MASKED_ATTENTION = ("sdpa", "eager")
-# Collator outputs for varlen kernels; they describe the flat row, so they are dropped when it is regrouped.
-_VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+# Collator outputs for varlen kernels; they describe the flat row, so they are dropped when it is regrouped (here) or
+# split between sequence-parallel ranks (seqpar_batches).
+VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
 
 
 def supported(model: Any) -> bool:
@@ -101,7 +102,7 @@ def backbone(model: Any, row_length: int, **kwargs: Any) -> Any:
     spans = row_spans(pos, row_length) if flat else []
     if len(spans) < 2:
         return model.base_model(**kwargs).last_hidden_state
-    for key in _VARLEN_KEYS:
+    for key in VARLEN_KEYS:
         kwargs.pop(key, None)
     width = max(b - a for a, b in spans)
     rows_ids = ids.new_zeros(len(spans), width)

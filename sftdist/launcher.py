@@ -160,13 +160,15 @@ def build_launch(
     accelerate_args: list[str] | tuple[str, ...] = (),
     gpus: int | None = None,
     gpu_memory: int | None = None,
+    command: list[str] | None = None,
 ) -> Launch:
     """Check the flags against the recipe and the machine before anything starts.
 
     `overrides` are `sftdist train --set` values, `train_flags` its other flags, `accelerate_args`
     extra `accelerate launch` arguments; `gpus` is the number of visible GPUs (detected if None).
     `strategy` "auto" asks the planner (`auto_strategy`); `gpu_memory` overrides the memory per device
-    it plans with.
+    it plans with. `command` is what every process runs after `python -m sftdist` (default: `train RECIPE`
+    with the overrides and flags; `sftdist selftest` runs its own processes this way).
     """
     from sftdist import seqpar
     from sftdist.recipe import load_recipe
@@ -231,7 +233,7 @@ def build_launch(
         env["PET_SIGNALS_TO_HANDLE"] = FORWARDED_SIGNALS
         env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", DEFAULT_SHUTDOWN_TIMEOUT)
     train_args = [a for o in overrides for a in ("--set", o)] + list(train_flags)
-    argv += [*accelerate_args, "-m", "sftdist", "train", recipe, *train_args]
+    argv += [*accelerate_args, "-m", "sftdist", *(command or ["train", recipe, *train_args])]
     return Launch(argv=argv, env=env, kind=kind, note=note)
 
 

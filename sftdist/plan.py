@@ -28,6 +28,8 @@ FRAGMENTATION = {"zero3": 0.12, "zero3-offload": 0.12, "fsdp2": 0.12}
 FRAGMENTATION_DEFAULT = 0.05
 # The calibration table's spread: a plan within this share of the GPU is "tight", not "fits".
 UNCERTAINTY = 0.10
+# Planned / measured peak over the published runs of docs/plan.md's calibration (tests/plan_calibration.py).
+CALIBRATED_BAND = (0.90, 1.40)
 # trl's fused LM head (add_fused_lm_head) scores tiles of 1024 tokens x 32768 vocabulary entries in fp32.
 LOGPROB_TILE_TOKENS, LOGPROB_TILE_VOCAB = 1024, 32768
 PER_TOKEN_OUTPUTS = 16  # fp32 log-prob, entropy, top-1 and log-sum-exp per token from that head
@@ -346,7 +348,8 @@ def workload(recipe: Recipe) -> Workload:
 
 def decoder_activation_bytes(recipe: Recipe, counts: ModelCounts, work: Workload) -> tuple[float, float]:
     """(with, without) activation checkpointing: the decoder layers' peak live activations per GPU for one
-    micro-batch of batch x max_length tokens (split over `sequence_parallel` ranks), LM head excluded.
+    micro-batch of batch x max_length tokens (split over `sequence_parallel` ranks: with packing, one packed row of
+    max_length tokens, seqpar.check_packed_micro_batch), LM head excluded.
 
     Korthikanti et al. 2022 (arXiv:2205.05198, sec. 4.1) count the tensors autograd saves per layer;
     the same count for transformers' decoder layer (GQA widths, gated or plain MLP, sdpa/flash attention
@@ -370,7 +373,9 @@ def decoder_activation_bytes(recipe: Recipe, counts: ModelCounts, work: Workload
     mlp = (4 if counts.gated_mlp else 2) * counts.intermediate
     per_layer = c * (2 * norm * h + 3 * counts.q_width + 2 * counts.kv_width + mlp)
     if recipe.model.attn_implementation == "eager":
-        per_layer += c * 2 * counts.heads * work.seq  # scores and probabilities
+        # Scores and probabilities: each token attends within its sample (at most max_length tokens). Under
+        # sequence parallelism a rank scores heads / N for N times its tokens (seqpar_attention): the same amount.
+        per_layer += c * 2 * counts.heads * work.seq
     if recipe.method != "full":
         per_layer += c * recipe.lora.r * counts.lora_modules  # lora_A output, kept for lora_B
         if recipe.lora.dropout > 0:  # each adapter keeps its own dropped-out copy of its input and the mask
@@ -499,6 +504,9 @@ def make_plan(
         )
     names = ("single", "zero3-offload") if world == 1 else tuple(STRATEGIES)[1:]
     if work.sequence_parallel > 1:  # Ulysses runs under DeepSpeed only (seqpar.check refuses the others)
+        from sftdist.seqpar import check_packed_micro_batch
+
+        check_packed_micro_batch(recipe)
         names = tuple(n for n in names if n.startswith("zero"))
     estimates = [estimate(recipe, counts, work, s, world, nodes) for s in names]
     return Plan(recipe, counts, work, gpus, nodes, gpu_memory_bytes, cpu_memory_bytes, estimates)
@@ -511,8 +519,11 @@ def sp_options(counts: ModelCounts, world: int) -> list[int]:
 
 
 def with_sequence_parallel(plan: Plan, n: int) -> Plan:
-    """The same plan with each sample split over n ranks: activations / n, model state unchanged."""
+    """The same plan with each sample split over n ranks: activations / n, model state unchanged. With packing,
+    a micro-batch under sequence parallelism is one packed row (seqpar.check_packed_micro_batch)."""
     recipe = dataclasses.replace(plan.recipe, sequence_parallel=n)
+    if n > 1 and recipe.data.packing:
+        recipe = with_train(recipe, per_device_train_batch_size=1)
     return make_plan(recipe, plan.gpus, plan.gpu_memory, plan.nodes, plan.cpu_memory, plan.counts)
 
 
@@ -603,10 +614,11 @@ def format_plan(plan: Plan) -> str:
 
 
 def _sequence_parallel_lines(plan: Plan) -> list[str]:
-    """On several GPUs: what each sequence_parallel size gives for one sample at max_length per rank."""
+    """On several GPUs: what each sequence_parallel size gives for one sample (or packed row) at max_length per rank."""
     options = sp_options(plan.counts, plan.world)
     if len(options) < 2:
         return []
+    unit = f"{plan.work.seq}-token {'packed row' if plan.recipe.data.packing else 'sample'}"
     parts = []
     for n in options:
         alt = one_sample(with_sequence_parallel(plan, n))
@@ -617,13 +629,12 @@ def _sequence_parallel_lines(plan: Plan) -> list[str]:
             outcome = f"{best.strategy} {_fit_word(alt, best)}, margin {gib(alt.margin(best))}"
         parts.append(f"{n}: activations {act} GiB ({outcome})")
     lines = [
-        f"sequence_parallel options (one {plan.work.seq}-token sample per micro-batch, checkpointing on, "
-        f"per GPU): " + "; ".join(parts)
+        f"sequence_parallel options (one {unit} per micro-batch, checkpointing on, per GPU): " + "; ".join(parts)
     ]
     found = smallest_sp(plan)
     if found is not None:
-        lines.append(f"hint: one {plan.work.seq}-token sample does not fit on one GPU; sequence_parallel: {found[0]} "
-                     "is the smallest that fits")  # fmt: skip
+        lines.append(f"hint: one {unit} does not fit on one GPU; sequence_parallel: {found[0]} is the smallest that "
+                     "fits")  # fmt: skip
     return lines
 
 

@@ -3,10 +3,11 @@
 Gap filled: transformers, trl and accelerate already run DeepSpeed's Ulysses (ALST) when the trainer is given an
 accelerate `ParallelismConfig(sp_size=N, sp_backend="deepspeed")`: the dataloader adapter splits each batch along
 the sequence, and the attention swaps heads for tokens with two all-to-alls. What they leave to the caller: which
-runs can do that at all (only under DeepSpeed, with a world size that N divides, with every batch padded to one
-length that N divides, and no packing: Ulysses' dataloader adapter cannot take trl's packed rows, and under
-`sdpa` it drops the attention mask, so packed samples would attend to each other), checked in the launcher before any
-process starts and again in every rank; and the loss, whose gradient and token weighting `install` corrects.
+runs can do that at all (only under DeepSpeed, with a world size that N divides), checked in the launcher before
+any process starts and again in every rank; packed rows, which Ulysses' adapter cannot take and whose samples its
+attention lets attend to each other (`seqpar_batches`, `seqpar_attention`); the padding, which gloo needs equal
+across the group and which is kept to the group's longest batch of the step (`seqpar_batches`); and the loss, whose
+gradient and token weighting `install` corrects.
 """
 
 from __future__ import annotations
@@ -17,9 +18,13 @@ from typing import Any
 
 from sftdist.errors import UserError
 from sftdist.recipe import Recipe
+from sftdist.seqpar_attention import packed_name, use_packed_attention
+from sftdist.seqpar_batches import pad_to_group
 
-# The attention implementations Ulysses wraps (DeepSpeed 0.19.8 refuses eager and cannot rebuild flex's masks).
-SP_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3")
+# The attention implementations that keep samples apart under Ulysses: sdpa and eager through seqpar_attention (which
+# DeepSpeed 0.19.8 refuses to wrap as "eager"), flash attention from the gathered position_ids. Not flex attention,
+# whose block mask Ulysses rebuilds as one causal row.
+SP_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
 
 
 def check(recipe: Recipe, kind: str | None, world_size: int, strategy: str | None = None) -> None:
@@ -51,13 +56,23 @@ def check(recipe: Recipe, kind: str | None, world_size: int, strategy: str | Non
             f"{src}: sequence_parallel: {n} needs model.attn_implementation {', '.join(SP_ATTENTION)} (Ulysses "
             f"wraps one of those); got {impl}"
         )
-    if recipe.data.packing:
-        # Measured (README "Long samples"): trl's padding-free rows carry 1-D `cu_seq_lens_*` tensors that
-        # DeepSpeed's dataloader adapter indexes as [batch, sequence] (IndexError in UlyssesSPDataLoaderAdapter),
-        # and under sdpa Ulysses drops the mask and attends causally across the whole gathered row.
+    check_packed_micro_batch(recipe)
+
+
+def check_packed_micro_batch(recipe: Recipe) -> None:
+    """Refuse packing under `sequence_parallel > 1` with more than one packed row per micro-batch.
+
+    Gap: DeepSpeed 0.19.8's Ulysses attention reshapes every layer's inputs to the micro-batch size it was
+    registered with (accelerate 1.15 passes per_device_train_batch_size), while trl 1.16's padding-free collator
+    joins the micro-batch's packed rows into one row. One packed row per micro-batch is also all SP needs: a row
+    holds up to max_length tokens, and more rows per step come from gradient accumulation.
+    """
+    batch = recipe.per_device_batch
+    if recipe.sequence_parallel > 1 and recipe.data.packing and batch != 1:
         raise UserError(
-            f"{src}: sequence_parallel: {n} cannot keep packed samples apart (DeepSpeed's Ulysses takes neither "
-            "trl's packed rows nor their sample boundaries under sdpa); set data.packing: false"
+            f"{recipe.source or 'recipe'}: sequence_parallel: {recipe.sequence_parallel} with data.packing takes one "
+            f"packed row (up to data.max_length tokens) per micro-batch; set train.per_device_train_batch_size: 1 "
+            f"and raise gradient_accumulation_steps for more rows per step (got {batch})"
         )
 
 
@@ -74,24 +89,23 @@ def training_overrides(recipe: Recipe) -> dict[str, Any]:
 
     launched, world = launched_type(), world_size()
     check(recipe, launched.lower() if launched else None, world)
-    # DeepSpeed's dataloader adapter all-gathers every rank's batch, then cuts each into N equal slices: the
-    # length must be a multiple of N, and gloo cannot all-gather tensors of different lengths, so every batch is
-    # padded to the same length (max_length, rounded up to a multiple of N). Uneven lengths could work over NCCL,
-    # but no test here could run that path, so GPUs get the same padding.
-    handler = DeepSpeedSequenceParallelConfig(sp_seq_length_is_variable=True,
-                                              sp_attn_implementation=resolve_attention(recipe))
+    handler = DeepSpeedSequenceParallelConfig(sp_seq_length_is_variable=True)
+    # accelerate 1.15 checks sp_attn_implementation against its own list (sdpa, flash, hub kernels) and refuses the
+    # names registered with transformers' AttentionInterface, which DeepSpeed wraps as well; so it is set after that
+    # check, to the implementation `install` switches the model to.
+    handler.sp_attn_implementation = packed_name(resolve_attention(recipe))
     return {
         # Resuming: the trainer's own skip fails on DeepSpeed's adapter; `install` skips instead.
         "ignore_data_skip": True,
         # dp_shard_size: accelerate sizes DeepSpeed's train_batch_size by it (ZeRO shards over every process anyway).
         "parallelism_config": ParallelismConfig(dp_shard_size=world // n, sp_size=n, sp_backend="deepspeed",
                                                 sp_handler=handler),
-        "pad_to_multiple_of": -(-recipe.data.max_length // n) * n,
     }
 
 
 def install(trainer: Any, recipe: Recipe) -> bool:
-    """Make `trainer`'s loss under sequence parallelism the one single-process training takes; True if SP is on.
+    """Make `trainer` under sequence parallelism train as one process would (attention, padding, loss, resume);
+    True if SP is on.
 
     Gaps filled (transformers 5.24, trl 1.16, DeepSpeed 0.19.8; measured in tests/test_sequence_parallel.py):
 
@@ -109,6 +123,8 @@ def install(trainer: Any, recipe: Recipe) -> bool:
       needs a `DataLoader` and fails on DeepSpeed's adapter ("'UlyssesSPDataLoaderAdapter' object has no attribute
       'dataset'"). `training_overrides` turns that skip off and a callback here draws the trained micro-batches
       from the adapter before the first step (unless the recipe sets `train.ignore_data_skip: true` itself).
+    - Packed rows: the model's attention becomes `seqpar_attention`'s per-sample one, and the training DataLoader
+      is wrapped so that the batches DeepSpeed's adapter splits share the group's length (`seqpar_batches`).
     - Token weighting. Without SP, trl weights every micro-batch of an optimizer step (accumulation steps and
       data-parallel ranks) by its loss tokens. Under SP the trainer drops that count (`labels` are gone from the
       SP batches) and averages the micro-batches' mean losses instead. Here each micro-batch's loss is weighted
@@ -152,6 +168,8 @@ def install(trainer: Any, recipe: Recipe) -> bool:
             return _scale_gradient(result[0] * weight, gradient_scale), result[1]
         return _scale_gradient(result * weight, gradient_scale)
 
+    use_packed_attention(_unwrapped(trainer.model))
+    pad_to_group(trainer.accelerator, trainer.data_collator.pad_token_id)
     # The Trainer's private hook is where it counts a step's loss tokens; there is no public one.
     trainer._get_num_items_in_batch = count_step_tokens
     trainer.compute_loss = weighted_compute_loss
@@ -159,6 +177,13 @@ def install(trainer: Any, recipe: Recipe) -> bool:
     if not recipe.train_setting("ignore_data_skip"):
         trainer.add_callback(_skip_trained_batches())
     return True
+
+
+def _unwrapped(model: Any) -> Any:
+    """The transformers model inside a peft wrapper (or `model` itself)."""
+    from accelerate.utils import is_peft_model
+
+    return model.get_base_model() if is_peft_model(model) else model
 
 
 def _sequence_parallel_check(size: int) -> Any:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 from sftdist.errors import UserError
 from sftdist.rundir import build_beside
@@ -113,8 +114,9 @@ def _tokenizer_corpus(seed: int) -> list[str]:
     return texts
 
 
-def _build_tokenizer(seed: int):
-    """Train a byte-level BPE (every byte encodable, so no unknown token) and wrap it for transformers."""
+def build_tokenizer(seed: int = 0) -> Any:
+    """Train a byte-level BPE (every byte encodable, so no unknown token) and wrap it for transformers;
+    also the tokenizer of `sftdist selftest`'s larger random models (random_model.py)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -169,7 +171,7 @@ def make_tiny_model(out_dir: str, seed: int = 0) -> None:
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    tokenizer = _build_tokenizer(seed)
+    tokenizer = build_tokenizer(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         **MODEL_SHAPE,

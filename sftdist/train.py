@@ -3,8 +3,10 @@
 Read this file first. Every step it calls has one job: `data.pipeline` (the recipe's data read,
 rendered, tokenized with loss masks and packed once into a cache entry that every rank
 memory-maps), `model` (tokenizer, model, quantization, LoRA), `distributed` (what CPU/multi-process
-runs need, and the check that they are really distributed), `checkpoint` (output dir, resume,
-atomic checkpoints, preemption). The rows arrive packed by trl's best-fit-decreasing packer with
+runs need, and the check that they are really distributed), `checkpoint` (what to do with
+output_dir, decided before any heavy work and carried out once the trainer exists; atomic
+checkpoints), `resume` (what a checkpoint records of its run, and resuming it at another world
+size). The rows arrive packed by trl's best-fit-decreasing packer with
 labels built, so trl's own preparation is skipped (`skip_prepare_dataset`) and its padding-free
 collator gives each packed sample its own position_ids.
 """
@@ -17,7 +19,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sftdist import checkpoint, distributed, fast_head, preflight, seqpar
+from sftdist import checkpoint, distributed, fast_head, preflight, seqpar, throughput
 from sftdist.errors import EXIT_PREEMPTED, UserError
 from sftdist.recipe import Recipe, accumulation, train_kwargs, typed_train
 from sftdist.resume import data_fingerprint, planned
@@ -85,6 +87,7 @@ def build_trainer(recipe: Recipe, args: Any, tokenizer: Any, data: Prepared, mod
     fast_head.install(trainer)  # CPU: trl's fused head scores every position and attends across the flat batch
     seqpar.install(trainer, recipe)  # sequence parallelism: the loss and resume that single training has
     distributed.install_callbacks(trainer)
+    throughput.install(trainer, data)  # tokens/s per device and MFU in the logs and the run's metrics
     return trainer
 
 

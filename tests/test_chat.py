@@ -484,7 +484,11 @@ def test_generate_says_which_prompts_file_rows_it_skips(tmp_path, tiny_model):
     proc = run_cli("generate", str(tiny_model), "--prompts-file", write_jsonl(tmp_path / "p.jsonl", rows),
                    "--max-new-tokens", "1", "--greedy")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stderr == f"warning: dropped 1 of 2 rows of {tmp_path / 'p.jsonl'}: 1 empty response\n"
+    assert proc.stderr.splitlines() == [
+        f"warning: dropped 1 of 2 rows of {tmp_path / 'p.jsonl'}: 1 empty response",
+        "sftdist generate: prompts rendered through the prompt template 'default' (no sftdist_prompt.json beside "
+        "the model)",
+    ]
     assert "--- prompt 1: " in proc.stdout and "--- prompt 2" not in proc.stdout
 
 
