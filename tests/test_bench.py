@@ -1,10 +1,9 @@
 """Every bench script still runs: each one's smallest invocation must finish and print its table with the
 expected fields and sane values, so that none can rot unseen between the runs bench/README.md reports.
 
-Timings are not asserted (they are measured in bench/, as ratios). The four scripts start together: each
-spends most of its time importing libraries in one single-threaded process after another, so on two cores
-the module takes about the time of the longest, sft_bench's chain of nine processes (setup, three runs and
-their evaluations, two preparations), rather than the sum of the four.
+Timings are not asserted (they are measured in bench/, as ratios). The scripts start together: each spends
+most of its time importing libraries in one process after another, so on two cores the module takes about
+half the CPU time of all of them, rather than the sum of their wall times.
 """
 
 from __future__ import annotations
@@ -31,6 +30,8 @@ def _invocations(tmp: Path) -> dict[str, list[str]]:
         "data_bench": ["bench/data_bench.py", "--rows", "300", "--no-launch", "--work", str(tmp / "data")],
         "merge_memory": ["bench/merge_memory.py", "--smoke", "--workdir", str(tmp / "merge")],
         "sp_memory": ["bench/sp_memory.py", "--tokens", "64", "--sp", "2"],
+        "sp_packing": ["bench/sp_packing.py", "--samples", "4", "--min-tokens", "32", "--max-length", "128"],
+        "resume_cost": ["bench/resume_cost.py", "--hidden", "64", "--layers", "2", "--strategies", "zero2"],
     }
 
 
@@ -41,7 +42,7 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(work: Path) -> Iterator[dict[str, tuple[subprocess.Popen, Path]]]:
-    """All four started at once; each test waits for its own. Any still running at the end is stopped."""
+    """All started at once; each test waits for its own. Any still running at the end is stopped."""
     started = {}
     for name, args in _invocations(work).items():
         log = work / f"{name}.log"
@@ -140,3 +141,22 @@ def test_sp_memory(runs: dict) -> None:
     assert all(num(r[2]) > 0 and num(r[3]) > 0 for r in rows.values()), rows
     ratio = re.search(rf"sp 2 / sp 1, saved for backward per rank: \*\*{NUMBER}x\*\*", text)
     assert ratio and 0 < float(ratio.group(1)) < 1, text
+
+
+def test_sp_packing(runs: dict) -> None:
+    """Packed rows, unpacked samples and unpacked samples padded to max_length, each through the SP training path."""
+    text = output(runs, "sp_packing")
+    rows = {r[0]: r for r in table_rows(text, "packed|unpacked|unpacked-max-length")}
+    assert set(rows) == {"packed", "unpacked", "unpacked-max-length"}, text
+    for name, (_, batches, given, real, _, _, per_s, rss) in rows.items():
+        assert num(batches) >= 1 and num(given) >= num(real) > 0 and num(per_s) > 0, rows[name]
+    assert num(rows["unpacked-max-length"][2]) == 4 * 128  # four samples, each padded to max_length
+    for pair in ("packed / unpacked", "packed / unpacked-max-length"):
+        assert re.search(rf"^- {pair}: real tokens/s \*\*{NUMBER}x\*\*", text, re.M), text
+
+
+def test_resume_cost(runs: dict) -> None:
+    """A 2-process ZeRO-2 run saves checkpoint-2; resumed on one process, it converts it to universal once."""
+    text = output(runs, "resume_cost")
+    ((_, save, convert, _),) = table_rows(text, "zero2")
+    assert num(save) >= 0 and num(convert) > 0, text
