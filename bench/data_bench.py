@@ -9,7 +9,8 @@ For each row count, in one invocation (ratios, since this machine is noisy):
 then, for the largest count, the peak RSS of each rank of a 2-process `sftdist launch` (ddp, 2
 steps) that reads the warm entry.
 
-  python bench/data_bench.py --data ../shared/fixtures/dolly-5k/train.jsonl --rows 100000,200000
+  python bench/data_bench.py --data path/to/dolly.jsonl --rows 100000,200000   # bench/README.md: 5,000 dolly rows
+  python bench/data_bench.py --rows 300 --no-launch                             # the smallest (tests/test_bench.py)
 
 The rows are the data file's dolly rows repeated to the count, rendered with the default prompt
 template into prompt/completion, so trl and sftdist tokenize the same text with the same tokenizer
@@ -144,7 +145,7 @@ def _child(work: Path, name: str, *args: str) -> tuple[dict[str, Any], float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=ROOT / "tests" / "fixtures" / "dolly-300" / "train.jsonl",
-                    help="dolly rows to repeat (the bundled 300, or e.g. ../shared/fixtures/dolly-5k/train.jsonl)")
+                    help="dolly rows to repeat (default: the project's 300 in tests/fixtures/dolly-300)")
     ap.add_argument("--rows", default="100000,200000", help="comma-separated row counts")
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "sftdist-data-bench")

@@ -7,11 +7,13 @@ models one at a time), and peft's merge of the same adapter. Peak RSS of each pr
 `os.wait4` (that child's own ru_maxrss). Run from the repository root:
 
     .venv/bin/python bench/merge_memory.py [--workdir DIR] [--shard-size 50MB]
+    .venv/bin/python bench/merge_memory.py --smoke   # a 2-layer model in KB-sized shards: checks that it runs
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -31,14 +33,17 @@ model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
 model.save_pretrained(out, max_shard_size=shard)
 """
 BASELINE = "import torch, transformers, peft, safetensors; from transformers import AutoModelForCausalLM"
+SHAPE = {"vocab_size": 16000, "hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 6,
+         "num_attention_heads": 12, "num_key_value_heads": 12}
+SMOKE_SHAPE = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "num_key_value_heads": 4}
 BUILD = """
-import sys, torch
+import json, sys, torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
-base, adapter, shard = sys.argv[1:4]
+base, adapter, shard, shape = sys.argv[1:5]
 torch.manual_seed(0)
-cfg = LlamaConfig(vocab_size=16000, hidden_size=768, intermediate_size=2048, num_hidden_layers=6,
-                  num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=256)
+cfg = LlamaConfig(max_position_embeddings=256, **json.loads(shape))
 model = LlamaForCausalLM(cfg)
 model.save_pretrained(base, max_shard_size=shard)
 peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
@@ -66,17 +71,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", help="Keep the built model here (default: a temporary directory).")
     ap.add_argument("--shard-size", default="50MB")
+    ap.add_argument("--smoke", action="store_true", help="a 2-layer model in 100KB shards: checks that it runs")
     args = ap.parse_args()
+    if args.smoke:
+        args.shard_size = "100KB"
     work = Path(args.workdir or tempfile.mkdtemp(prefix="merge-bench-"))
     base, adapter = work / "base", work / "adapter"
     if not base.is_dir():
-        subprocess.run([sys.executable, "-c", BUILD, str(base), str(adapter), args.shard_size], check=True,
-                       stderr=subprocess.DEVNULL)
+        shape = SMOKE_SHAPE if args.smoke else SHAPE
+        subprocess.run([sys.executable, "-c", BUILD, str(base), str(adapter), args.shard_size, json.dumps(shape)],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     shards = sorted(base.glob("*.safetensors"))
     total = sum(p.stat().st_size for p in shards) / 1e6
     largest = max(p.stat().st_size for p in shards) / 1e6
     adapter_mb = (adapter / "adapter_model.safetensors").stat().st_size / 1e6
-    print(f"model: {total:.0f} MB in {len(shards)} shards (largest {largest:.0f} MB); adapter {adapter_mb:.1f} MB")
+    print(f"model: {total:.1f} MB in {len(shards)} shards (largest {largest:.1f} MB); adapter {adapter_mb:.1f} MB")
 
     runs = {
         "baseline (imports only)": [sys.executable, "-c", BASELINE],

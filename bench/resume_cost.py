@@ -92,7 +92,9 @@ def main() -> None:
         print("|---|---:|---:|---:|")
         for strategy in args.strategies.split(","):
             save, convert = measure(work, work / "model", strategy)
-            print(f"| {strategy} | {save:.1f} | {convert:.1f} | {convert / save:.2f}x |", flush=True)
+            # sftdist prints tenths of a second: a quick look's save can read 0.0 s, and then there is no ratio.
+            ratio = f"{convert / save:.2f}x" if save else "n/a (save under 0.05 s)"
+            print(f"| {strategy} | {save:.1f} | {convert:.1f} | {ratio} |", flush=True)
 
 
 if __name__ == "__main__":

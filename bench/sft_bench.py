@@ -5,9 +5,9 @@ each in its own subprocess, in alternating order (A B C A B C ...), and are scor
 one evaluator (so a run's own tokenization or loss bookkeeping cannot flatter it). Reported ratios are medians of
 the per-repetition ratios, which cancels most of the drift of a machine shared with other work.
 
-    python bench/sft_bench.py                       # the full benchmark (see bench/README.md for timings)
-    python bench/sft_bench.py --rows 120 --reps 1   # a quick look
-    python bench/sft_bench.py --data path/to/dolly.jsonl   # other dolly rows (default: ../shared/fixtures/dolly-5k)
+    python bench/sft_bench.py --data path/to/dolly.jsonl   # the full benchmark (bench/README.md: 5,000 dolly rows)
+    python bench/sft_bench.py --rows 300 --reps 1   # a quick look on the 300 rows of tests/fixtures/dolly-300
+    python bench/sft_bench.py --smoke               # the smallest run: does every step still work (tests/test_bench.py)
 
 Extra runs (`--runs A,B,C,C-trl-head,...`) are ablations of C, used to say what each change bought: they run
 `sftdist train` with one change undone (see VARIANTS).
@@ -30,16 +30,13 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "tests" / "fixtures" / "gpt2-tiny-random"
-# Dolly rows (--data, passed to the children through the environment); bench/README.md's figures use the 5,000
-# rows of ../shared/fixtures/dolly-5k. Without them, the 300 rows in tests/fixtures give a quick look.
+# Dolly rows (--data, passed to the children through the environment). The default is the project's own 300 rows;
+# bench/README.md says which rows its figures come from.
 DATA_ENV = "SFTDIST_BENCH_DATA"
-DOLLY = ROOT.parent / "shared" / "fixtures" / "dolly-5k" / "train.jsonl"
-if not DOLLY.is_file():
-    DOLLY = ROOT / "tests" / "fixtures" / "dolly-300" / "train.jsonl"
-DOLLY = Path(os.environ.get(DATA_ENV, DOLLY))
+DOLLY = Path(os.environ.get(DATA_ENV, ROOT / "tests" / "fixtures" / "dolly-300" / "train.jsonl"))
 
 # Llama blocks with the GPT-2 vocabulary (50,257): 29.9M parameters, of which the untied output layer holds 12.9M
-# and does ~75% of the per-token matrix work (see ../shared/notes/platform.md, "Where CPU time goes").
+# and does ~75% of the per-token matrix work.
 MODEL_SHAPE = {
     "hidden_size": 256,
     "intermediate_size": 1024,
@@ -49,6 +46,10 @@ MODEL_SHAPE = {
     "max_position_embeddings": 2048,
     "tie_word_embeddings": False,
 }
+# --smoke: the same layout, small enough that the whole invocation checks the code paths in seconds.
+SMOKE_SHAPE = {**MODEL_SHAPE, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+               "num_attention_heads": 2, "num_key_value_heads": 2}
+SMOKE = {"rows": 4, "eval_rows": 2, "reps": 1, "prep_reps": 1, "help_reps": 1}
 
 # The tutorial's settings (A); B changes only `packing`. Precision is not among them: see `bf16()`.
 TUTORIAL = {
@@ -126,7 +127,7 @@ def _time_train() -> None:
     Trainer.train = train
 
 
-def child_setup(work: Path, rows: int, eval_rows: int, lr: float, seed: int) -> None:
+def child_setup(work: Path, rows: int, eval_rows: int, lr: float, seed: int, shape: dict[str, Any]) -> None:
     """Model (seeded, safetensors), the train/held-out subsets and C's recipe, written once into `work`."""
     import torch
     import yaml
@@ -137,14 +138,15 @@ def child_setup(work: Path, rows: int, eval_rows: int, lr: float, seed: int) -> 
     if not (model_dir / "model.safetensors").is_file():
         torch.manual_seed(seed)
         cfg = LlamaConfig(
-            vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **MODEL_SHAPE
+            vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **shape
         )
         model = LlamaForCausalLM(cfg)
         model.save_pretrained(model_dir, safe_serialization=True)
         tok.save_pretrained(model_dir)
 
     # Rows whose tokenized prompt + response + EOS fit max_length: A truncates longer rows and sftdist drops them,
-    # so only fitting rows give every run exactly the same samples. Train rows from the top, held-out from the end.
+    # so only fitting rows give every run exactly the same samples. Held-out rows from the end (chosen first, so that
+    # a small file keeps them), train rows from the top.
     def fits(row: dict[str, Any]) -> bool:
         if not str(row.get("response", "")).strip():
             return False
@@ -153,17 +155,19 @@ def child_setup(work: Path, rows: int, eval_rows: int, lr: float, seed: int) -> 
         return n <= TUTORIAL["max_length"]
 
     all_rows = _read_jsonl(DOLLY)
-    train, held = [], []
-    for row in all_rows:
+    held_at: list[int] = []
+    for i in range(len(all_rows) - 1, -1, -1):
+        if len(held_at) == eval_rows:
+            break
+        if fits(all_rows[i]):
+            held_at.append(i)
+    held = [all_rows[i] for i in held_at]
+    train: list[dict[str, Any]] = []
+    for row in all_rows[: min(held_at, default=len(all_rows))]:
         if len(train) == rows:
             break
         if fits(row):
             train.append(row)
-    for row in reversed(all_rows[len(all_rows) // 2 :]):
-        if len(held) == eval_rows:
-            break
-        if fits(row) and row not in train:
-            held.append(row)
     _write_jsonl(work / "train.jsonl", train)
     _write_jsonl(work / "heldout.jsonl", held)
 
@@ -177,13 +181,13 @@ def child_setup(work: Path, rows: int, eval_rows: int, lr: float, seed: int) -> 
         # 2 x 4 = 8, so both make about as many updates in the epoch (trl's default of 8 packs makes 3.5x fewer).
         "train": {"learning_rate": lr, "num_train_epochs": 1, "seed": seed, "per_device_train_batch_size": 2,
                   "bf16": bf16()},
-        "output_dir": str(work / "runs" / "C"),
+        "output_dir": str(work / "runs" / "C" / "output"),
     }
     (work / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
 
 
 def child_trl(work: Path, out: Path, packing: bool, lr: float, seed: int) -> None:
-    """A (packing=False) or B (packing=True): trl's SFTTrainer as the tutorial uses it."""
+    """A (packing=False) or B (packing=True): trl's SFTTrainer as the tutorial uses it, training into `out/output`."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
@@ -193,7 +197,7 @@ def child_trl(work: Path, out: Path, packing: bool, lr: float, seed: int) -> Non
     tok = AutoTokenizer.from_pretrained(TOKENIZER)  # no pad token: trl falls back to pad = eos, as in the tutorial
     model = AutoModelForCausalLM.from_pretrained(work / "model")
     args = SFTConfig(
-        output_dir=str(out),
+        output_dir=str(out / "output"),
         packing=packing,
         learning_rate=lr,
         num_train_epochs=1,
@@ -208,7 +212,7 @@ def child_trl(work: Path, out: Path, packing: bool, lr: float, seed: int) -> Non
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
     _time_train()
     result = trainer.train()
-    trainer.save_model(str(out / "final"))
+    trainer.save_model(str(out / "output" / "final"))
     ds = trainer.train_dataset
     real = sum(sum(x) for x in ds["seq_lengths"]) if "seq_lengths" in ds.column_names else sum(map(len, ds["input_ids"]))
     info = {
@@ -226,7 +230,9 @@ def child_trl(work: Path, out: Path, packing: bool, lr: float, seed: int) -> Non
 
 
 def child_sftdist(work: Path, out: Path, extra: list[str]) -> None:
-    """C and its ablations: the real `sftdist train` command, in this process (so its peak RSS is this process's)."""
+    """C and its ablations: the real `sftdist train` command, in this process (so its peak RSS is this process's),
+    with `out/output` as its output_dir: a new directory, as a user's first run has (the bench's own files stay
+    in `out`, outside the run)."""
     from sftdist.cli import main
 
     import sftdist.fast_head as fast_head
@@ -236,16 +242,16 @@ def child_sftdist(work: Path, out: Path, extra: list[str]) -> None:
     if "--flat" in extra:  # ablation: one row for the whole padding-free batch, as trl's collator makes it
         fast_head.row_spans = lambda position_ids, row_length: [(0, position_ids.shape[1])]
     extra = [a for a in extra if a not in ("--no-fast-head", "--flat")]
-    sys.argv = ["sftdist", "train", str(work / "recipe.yaml"), "--no-resume", "--overwrite", "--set",
-                f"output_dir={out}", *extra]
+    run_dir = out / "output"
+    sys.argv = ["sftdist", "train", str(work / "recipe.yaml"), "--set", f"output_dir={run_dir}", *extra]
     _time_train()
     try:
         main()
     except SystemExit as e:
         if e.code:
             raise
-    run = json.loads((out / "sftdist_run.json").read_text(encoding="utf-8"))
-    state = json.loads((out / "trainer_state.json").read_text(encoding="utf-8"))
+    run = json.loads((run_dir / "sftdist_run.json").read_text(encoding="utf-8"))
+    state = json.loads((run_dir / "trainer_state.json").read_text(encoding="utf-8"))
     slots = max((h["num_tokens"] for h in state["log_history"] if "num_tokens" in h), default=0)
     info = {
         "samples": len(_read_jsonl(work / "train.jsonl")),
@@ -344,6 +350,8 @@ def _check(rc: int, what: str, log: Path) -> None:
 
 
 def train_one(work: Path, name: str, rep: int, opts: argparse.Namespace) -> dict[str, Any]:
+    """One training run and its evaluation. `out` holds the bench's records (logs, timings, eval); the run trains
+    into `out/output`, which no bench file enters: sftdist refuses an output_dir holding files it did not write."""
     out = work / "runs" / f"{name}-{rep}"
     if opts.reuse and (out / "result.json").is_file():  # an interrupted invocation's finished run
         info = json.loads((out / "result.json").read_text(encoding="utf-8"))
@@ -360,7 +368,7 @@ def train_one(work: Path, name: str, rep: int, opts: argparse.Namespace) -> dict
     rc, wall, rss = _spawn(cmd, log)
     _check(rc, f"run {name} (rep {rep})", log)
     info = json.loads((out / "bench.json").read_text(encoding="utf-8"))
-    rc, _, _ = _spawn(_me("--child", "eval", "--work", str(work), "--model", str(out / "final"),
+    rc, _, _ = _spawn(_me("--child", "eval", "--work", str(work), "--model", str(out / "output" / "final"),
                           "--out", str(out / "eval.json")), out / "eval_log.txt")
     _check(rc, f"eval of {name} (rep {rep})", out / "eval_log.txt")
     info.update(json.loads((out / "eval.json").read_text(encoding="utf-8")))
@@ -374,7 +382,7 @@ def train_one(work: Path, name: str, rep: int, opts: argparse.Namespace) -> dict
           f"padding {info['padding_share']:.1%}, eval loss {info['eval_loss']:.4f}, rss {rss:.0f} MiB, "
           f"{info['steps']} steps, train {info['train_seconds']:.0f} s", flush=True)
     if not opts.keep:
-        shutil.rmtree(out / "final", ignore_errors=True)
+        shutil.rmtree(out / "output" / "final", ignore_errors=True)
     (out / "result.json").write_text(json.dumps(info), encoding="utf-8")
     return info
 
@@ -419,13 +427,14 @@ def _ratio(num: list[dict[str, Any]], den: list[dict[str, Any]], key: str) -> tu
 
 
 def report(results: list[dict[str, Any]], names: list[str], prep: dict | None, help_t: dict | None,
-           opts: argparse.Namespace, size: int) -> str:
+           opts: argparse.Namespace, size: int, shape: dict[str, Any]) -> str:
     by = {n: [r for r in results if r["name"] == n] for n in names}
     first = by[names[0]][0]
+    held = len(_read_jsonl(opts.work / "heldout.jsonl"))
     lines = [
-        f"Model: Llama, {MODEL_SHAPE['num_hidden_layers']} layers, hidden {MODEL_SHAPE['hidden_size']}, "
+        f"Model: Llama, {shape['num_hidden_layers']} layers, hidden {shape['hidden_size']}, "
         f"{size:,} parameters (GPT-2 vocabulary). Data: {first['samples']} dolly rows for one epoch, eval loss on "
-        f"{opts.eval_rows} held-out rows; lr {opts.lr}; {'bf16 autocast' if first['bf16'] else 'fp32'} for every run; "
+        f"{held} held-out rows; lr {opts.lr}; {'bf16 autocast' if first['bf16'] else 'fp32'} for every run; "
         f"{opts.reps} alternating repetitions (medians shown).",
         "",
         "| run | samples/s | samples/CPU-s | real tokens/s | padding share | peak RSS MiB | optimizer steps | eval loss |",
@@ -473,6 +482,8 @@ def main() -> None:
                     help="scratch folder (default: $TMPDIR/sftdist-bench)")
     ap.add_argument("--keep", action="store_true", help="keep each run's final model")
     ap.add_argument("--reuse", action="store_true", help="reuse the finished runs of an interrupted invocation")
+    ap.add_argument("--smoke", action="store_true",
+                    help="the smallest invocation (a 1-layer model, 4 rows, one of everything): checks that it runs")
     # children
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -480,11 +491,17 @@ def main() -> None:
     ap.add_argument("extra", nargs="*", help=argparse.SUPPRESS)
     opts = ap.parse_args()
     os.environ[DATA_ENV] = str(opts.data.resolve())
+    if opts.smoke:
+        vars(opts).update(SMOKE)
 
     if opts.child:
         os.environ.update(ENV)
+        from sftdist.quiet import silence_libraries
+
+        silence_libraries()  # the libraries' notes (bitsandbytes' missing `kernels`, ...), as sftdist's commands do
         {
-            "setup": lambda: child_setup(opts.work, opts.rows, opts.eval_rows, opts.lr, opts.seed),
+            "setup": lambda: child_setup(opts.work, opts.rows, opts.eval_rows, opts.lr, opts.seed,
+                                         SMOKE_SHAPE if opts.smoke else MODEL_SHAPE),
             "A": lambda: child_trl(opts.work, opts.out, False, opts.lr, opts.seed),
             "B": lambda: child_trl(opts.work, opts.out, True, opts.lr, opts.seed),
             "C": lambda: child_sftdist(opts.work, opts.out, opts.extra),
@@ -501,10 +518,16 @@ def main() -> None:
     work = opts.work.resolve()
     opts.work = work
     work.mkdir(parents=True, exist_ok=True)
+    if not opts.reuse:  # an earlier invocation's model may have another shape (--smoke)
+        shutil.rmtree(work / "model", ignore_errors=True)
     print(f"bench: setting up {work} (load average {os.getloadavg()[0]:.1f}, {os.cpu_count()} CPUs)", flush=True)
     rc, _, _ = _spawn(_me("--child", "setup", "--work", str(work), "--rows", str(opts.rows), "--eval-rows",
-                          str(opts.eval_rows), "--lr", str(opts.lr), "--seed", str(opts.seed)), work / "setup.log")
+                          str(opts.eval_rows), "--lr", str(opts.lr), "--seed", str(opts.seed),
+                          *(["--smoke"] if opts.smoke else [])), work / "setup.log")
     _check(rc, "setup", work / "setup.log")
+    train_rows, held_rows = (len(_read_jsonl(work / f)) for f in ("train.jsonl", "heldout.jsonl"))
+    print(f"bench: {train_rows} train rows (of {opts.rows} asked) and {held_rows} held-out rows (of {opts.eval_rows}) "
+          f"of {opts.data} fit {TUTORIAL['max_length']} tokens", flush=True)
     from safetensors import safe_open
 
     with safe_open(str(work / "model" / "model.safetensors"), "np") as f:
@@ -517,7 +540,8 @@ def main() -> None:
             results.append(train_one(work, name, rep, opts))
     prep = bench_prep(work, opts.prep_reps) if opts.prep_reps else None
     help_t = bench_help(opts.help_reps) if opts.help_reps else None
-    text = report(results, names, prep, help_t, opts, size)
+    shape = json.loads((work / "model" / "config.json").read_text(encoding="utf-8"))
+    text = report(results, names, prep, help_t, opts, size, shape)
     loads = os.getloadavg()
     text += (f"\n- conditions: {os.cpu_count()} CPUs, load average at the end {loads[0]:.1f} / {loads[2]:.1f} "
              f"(1 / 15 min), {(time.time() - started) / 60:.0f} min in all")

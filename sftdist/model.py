@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sftdist import distributed
+from sftdist import distributed, hub
 from sftdist.errors import UserError
 from sftdist.recipe import Recipe
 
@@ -28,14 +28,16 @@ def has_cuda() -> bool:
 
 
 def check_model_path(name_or_path: str) -> None:
-    """A local path must be a model directory; anything else must look like a hub id."""
+    """A local path must be a model directory; anything else must look like a hub id, and whether the hub can
+    be reached is settled before any library asks it (a library would retry for ~26 s)."""
     p = Path(name_or_path).expanduser()
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise UserError(f"{p}: directory has no config.json, so it is not a model directory")
         return
-    if p.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
+    if p.exists() or not hub.looks_like_hub_id(name_or_path):
         raise UserError(f"{name_or_path}: model path does not exist")
+    hub.unreachable()
 
 
 def require_safetensors(model_dir: str) -> bool | None:
@@ -62,7 +64,9 @@ def load_tokenizer(recipe: Recipe) -> Any:
     try:
         tok = AutoTokenizer.from_pretrained(m.name_or_path, trust_remote_code=m.trust_remote_code)
     except OSError as e:
-        raise UserError(f"{m.name_or_path}: could not load a tokenizer ({str(e).splitlines()[0]})") from None
+        raise hub.offline_error(m.name_or_path, "its tokenizer") or UserError(
+            f"{m.name_or_path}: could not load a tokenizer ({str(e).splitlines()[0]})"
+        ) from None
     if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
         tok.add_special_tokens({"pad_token": PAD_TOKEN})
     from sftdist.data.chat import set_chat_template
@@ -186,7 +190,9 @@ def load_config(recipe: Recipe) -> Any:
 
 def read_config(name_or_path: str, trust_remote_code: bool = False, allow: str = "") -> Any:
     """A model's config.json (no weights), with one-line errors for what users get wrong: a missing
-    or cut-off file, an unknown model type, code the config needs to run (`allow` says how to allow it)."""
+    or cut-off file, an unknown model type, code the config needs to run (`allow` says how to allow it).
+    A hub id that neither the hub nor its cache gives reads the published copy sftdist ships, if any
+    (`hub.shipped_config`); `config.name_or_path` then names that copy."""
     from transformers import AutoConfig
 
     check_model_path(name_or_path)
@@ -198,7 +204,12 @@ def read_config(name_or_path: str, trust_remote_code: bool = False, allow: str =
                 f"{name_or_path}: config.json needs the model's own Python code (auto_map), which sftdist does not "
                 f"run{' ' + allow if allow else ''}"
             ) from None
-        raise UserError(f"{name_or_path}: could not read config.json ({str(e).strip().splitlines()[0]})") from None
+        shipped = hub.shipped_config(name_or_path)
+        if shipped is not None:
+            return AutoConfig.from_pretrained(shipped)
+        raise hub.offline_error(name_or_path, "its config.json") or UserError(
+            f"{name_or_path}: could not read config.json ({str(e).strip().splitlines()[0]})"
+        ) from None
 
 
 def check_weights(model_dir: Path) -> None:

@@ -104,6 +104,7 @@ class ModelCounts:
     """What the planner needs from the model, counted on the meta device after peft wrapping."""
 
     model_type: str
+    config_source: str  # where config.json was read: the recipe's model, or the published copy sftdist ships
     total: int  # distinct parameters (tied embeddings once)
     trainable: int  # all of them for method full, the adapters for lora/qlora
     quantized: int  # frozen weights that bitsandbytes would store in 4 bits (qlora only)
@@ -226,7 +227,7 @@ def _largest_layer_list(model: object) -> list:
 SIZE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 
 
-def _check_size_fields(name_or_path: str, config: object) -> None:
+def _check_size_fields(config: object) -> None:
     """Refuse a config.json that leaves a size field out: transformers would fill it with its class default
     (e.g. Llama's 4096 hidden units) and the plan would be for another model.
 
@@ -238,7 +239,7 @@ def _check_size_fields(name_or_path: str, config: object) -> None:
 
     from transformers.utils import cached_file
 
-    path = cached_file(name_or_path, "config.json")
+    path = cached_file(config.name_or_path, "config.json")  # the file read: local, the hub's cache, or shipped
     raw = json.loads(Path(path).read_text(encoding="utf-8"))
     text_config = config.get_text_config()
     if text_config is not config:
@@ -276,7 +277,7 @@ def count_model(recipe: Recipe) -> ModelCounts:
     from sftdist.model import meta_model, with_lora
 
     config, model = meta_model(recipe)
-    _check_size_fields(recipe.model.name_or_path, config)
+    _check_size_fields(config)
     quantized = _bnb_4bit_weights(model) if recipe.method == "qlora" else set()
     if recipe.method != "full":
         model = with_lora(model, recipe)
@@ -296,6 +297,7 @@ def count_model(recipe: Recipe) -> ModelCounts:
     head_dim = getattr(tc, "head_dim", None) or hidden // heads
     return ModelCounts(
         model_type=tc.model_type,
+        config_source=config.name_or_path,
         total=sum(p.numel() for p in params),
         trainable=sum(p.numel() for p in params if id(p) in trainable),
         quantized=sum(p.numel() for p in params if id(p) in quantized),
@@ -560,8 +562,11 @@ def format_plan(plan: Plan) -> str:
     else:
         trained = f"{_count(k.total - k.trainable)} parameters + {_count(k.trainable)} trained LoRA parameters"
     sp = f", each split over {w.sequence_parallel} GPUs (sequence_parallel)" if w.sequence_parallel > 1 else ""
+    shipped = k.config_source != r.model.name_or_path
     lines = [
         f"model: {r.model.name_or_path} ({k.model_type}, {trained}; method {r.method}; optimizer {w.optim})",
+        *([f"config.json: the published copy shipped with sftdist ({k.config_source}); neither the hub nor its "
+           "cache gave one here"] if shipped else []),
         f"micro-batch: {w.batch} x {w.seq} tokens per GPU{sp}; {prec}; activations {w.act_bytes} bytes/value; "
         f"gradient checkpointing {'on' if w.checkpointing else 'off'} (train.gradient_checkpointing)",
         f"cluster: {plan.nodes} node(s) x {plan.gpus} GPU(s) x {gib(plan.gpu_memory)} GiB; reserve per GPU: "

@@ -45,5 +45,7 @@ def silence_libraries() -> None:
     for category in (FutureWarning, DeprecationWarning):
         warnings.filterwarnings("ignore", category=category)
     warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False")  # peft, on GPT-2's Conv1D
+    # peft, saving a LoRA run whose embeddings sftdist grew for its pad token: saving them is what it should do.
+    warnings.filterwarnings("ignore", message="Setting `save_embedding_layers` to `True`")
     # accelerate, when another job holds its default port: it picks a free one itself (a clash is an error later).
     warnings.filterwarnings("ignore", message="Port `.*` is already in use")

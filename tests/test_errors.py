@@ -86,13 +86,13 @@ def recipe(d: Path, model: Path | str, sources: list[dict], **extra: Any) -> str
 
 
 def data_check(d: Path, ctx: Ctx, rows: list[Any] | None = None, name: str = "data.jsonl",
-               model: Path | None = None, **extra: Any) -> list[str]:
+               model: Path | str | None = None, **extra: Any) -> list[str]:
     """`sftdist data --check` on one source of `rows` (or the file `name` the case wrote), tiny model by default."""
     src = jsonl(d / name, rows) if rows is not None else d / name
     return ["data", "--check", recipe(d, model or ctx.tiny, [{"path": str(src)}], **extra)]
 
 
-def train(d: Path, ctx: Ctx, model: Path | None = None, **extra: Any) -> list[str]:
+def train(d: Path, ctx: Ctx, model: Path | str | None = None, **extra: Any) -> list[str]:
     """`sftdist train` on two good rows, tiny model by default."""
     src = jsonl(d / "data.jsonl", [GOOD, GOOD])
     return ["train", recipe(d, model or ctx.tiny, [{"path": str(src)}], **extra)]
@@ -651,6 +651,41 @@ def c31_launch_config_empty(d, ctx):
 def c32_flash_attention_without_gpu(d, ctx):
     return train(d, ctx) + ["--set", "model.attn_implementation=flash_attention_2"], (
         "recipe.yaml", "model.attn_implementation=flash_attention_2", "no GPU is visible")
+
+
+# --- a hub that cannot be reached, for a user who has not set HF_HUB_OFFLINE: one line, no retries -----
+def no_hub(d: Path) -> dict[str, str]:
+    """A hub endpoint that refuses connections and an empty Hugging Face cache (beside the case dir)."""
+    return {"HF_HUB_OFFLINE": "", "HF_DATASETS_OFFLINE": "", "HF_ENDPOINT": "http://127.0.0.1:9",
+            "HF_HOME": str(d.parent / "hf-home")}  # fmt: skip
+
+
+NO_HUB = ("not a local path", "is not in the Hugging Face cache", "the hub cannot be used", "http://127.0.0.1:9")
+
+
+@case
+def c33_hub_model_unreachable(d, ctx):
+    return data_check(d, ctx, [GOOD], model="nosuch-org/nosuch-model"), ("nosuch-org/nosuch-model", *NO_HUB), no_hub(d)
+
+
+@case
+def c33_hub_data_set_unreachable(d, ctx):
+    argv = ["data", "--check", recipe(d, ctx.tiny, [{"path": "nosuch-org/nosuch-data"}])]
+    return argv, ("nosuch-org/nosuch-data", "the data set", *NO_HUB), no_hub(d)
+
+
+@case
+def c33_plan_hub_model_unreachable(d, ctx):
+    plan_recipe = recipe(d, "nosuch-org/nosuch-model", [{"path": "unused.jsonl"}])
+    argv = ["plan", plan_recipe, "--gpus", "1", "--gpu-memory", "80GiB"]
+    return argv, ("nosuch-org/nosuch-model", "its config.json", *NO_HUB), no_hub(d)
+
+
+@case
+def c33_train_before_the_model_is_built(d, ctx):
+    """The README's `train recipes/demo.yaml` before `make-tiny-model models/tiny`: a relative path that reads
+    as a hub id."""
+    return train(d, ctx, model="models/not-built-yet"), ("models/not-built-yet", *NO_HUB), no_hub(d)
 
 
 # --- a run that succeeds with dropped rows: one warning line per source, with counts -----------------

@@ -381,7 +381,7 @@ def test_cli(models: dict[str, Path], tmp_path: Path) -> None:
     assert "single" in r70.stdout  # the table is printed before the error
 
     assert bad.returncode == 2 and "--gpu-memory 'lots'" in bad.stderr
-    err = [line for line in missing.stderr.splitlines() if not line.startswith("Failed to load CPU")]
+    err = missing.stderr.splitlines()  # bitsandbytes' note about `kernels` among them would be noise (sftdist/quiet.py)
     assert missing.returncode == 2 and missing.stdout == "", missing.stdout
     assert err == [f"error: {broken / 'config.json'}: missing 'hidden_size', a size of the model; add it from the "
                    "model's published config.json (transformers would fill in LlamaConfig's default and the plan "
@@ -393,3 +393,33 @@ def test_cli(models: dict[str, Path], tmp_path: Path) -> None:
     assert "/zero2.yaml" in auto80.stdout and "--num_processes 8" in auto80.stdout
     assert "faster but ddp short by" in auto80.stderr  # says why the faster ones were passed over
     assert auto8.returncode == 2 and "no strategy fits" in auto8.stderr and auto8.stdout == ""
+
+
+def test_readme_plan_without_the_hub(tmp_path: Path) -> None:
+    """The README's `sftdist plan recipes/llama3-8b-qlora.yaml ...` on a machine that cannot reach the hub (and has
+    no token for the gated model): the published config.json shipped with sftdist answers, and says so; a
+    config.json downloaded into the Hugging Face cache wins over it."""
+    shipped = REPO / "sftdist" / "configs" / "published" / "meta-llama" / "Meta-Llama-3-8B" / "config.json"
+    assert LLAMA3_8B.items() <= json.loads(shipped.read_text()).items()  # the fields the counts above rely on
+    # A downloaded config.json (a 16-layer variant, to tell them apart) in the cache layout huggingface_hub writes.
+    cached_home = tmp_path / "cached"
+    repo = cached_home / "hub" / "models--meta-llama--Meta-Llama-3-8B"
+    commit = "0" * 40
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit / "config.json").write_text(json.dumps({**LLAMA3_8B, "num_hidden_layers": 16}))
+    no_hub = {"HF_HUB_OFFLINE": "", "HF_ENDPOINT": "http://127.0.0.1:9", "CUDA_VISIBLE_DEVICES": ""}
+    argv = ("plan", "recipes/llama3-8b-qlora.yaml", "--gpus", "8", "--gpu-memory", "80GiB")
+    with ThreadPoolExecutor(2) as pool:
+        bare, cached = pool.map(lambda home: run_cli(*argv, env={**no_hub, "HF_HOME": str(home)}),
+                                (tmp_path / "empty", cached_home))  # fmt: skip
+
+    assert bare.returncode == 0 and bare.stderr == "", bare.stderr
+    assert "model: meta-llama/Meta-Llama-3-8B (llama, 8.03B parameters + 41.9M trained LoRA parameters" in bare.stdout
+    assert f"config.json: the published copy shipped with sftdist ({shipped.parent})" in bare.stdout
+    assert "recommended: " in bare.stdout
+
+    assert cached.returncode == 0 and cached.stderr == "", cached.stderr
+    assert "model: meta-llama/Meta-Llama-3-8B (llama, 4.54B parameters" in cached.stdout
+    assert "shipped" not in cached.stdout

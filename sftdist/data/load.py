@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from sftdist import hub
 from sftdist.data.formats import is_row
 from sftdist.errors import UserError
 from sftdist.recipe import SourceConfig
@@ -104,6 +105,7 @@ def _iter_with_datasets(src: SourceConfig, path: Path, chunk_rows: int) -> Itera
             builder = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}[path.suffix]
             ds = datasets.load_dataset(builder, data_files=str(path), split="train")
         else:
+            hub.unreachable()  # settled before datasets asks the hub (it would retry for ~26 s)
             ds = datasets.load_dataset(src.path, split=src.split)
     except UserError:
         raise
@@ -111,17 +113,13 @@ def _iter_with_datasets(src: SourceConfig, path: Path, chunk_rows: int) -> Itera
         raise UserError(f"{src.path}: not a data file or Arrow directory ({e})") from None
     except (ValueError, ConnectionError, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{src.path}: could not be read as a dataset ({first})") from None
+        offline = None if path.exists() else hub.offline_error(src.path, "the data set")
+        raise offline or UserError(f"{src.path}: could not be read as a dataset ({first})") from None
     where = str(path if path.exists() else src.path)
     for start in range(0, len(ds), chunk_rows):
         batch = ds[start : start + chunk_rows]  # columns of one slice of the memory-mapped table
         rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
         yield Rows(where, rows, [f"row {i}" for i in range(start + 1, start + len(rows) + 1)])
-
-
-def _looks_like_hub_id(text: str) -> bool:
-    parts = text.split("/")
-    return len(parts) == 2 and all(parts) and not text.startswith((".", "/", "~")) and "." not in parts[0]
 
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow")
@@ -145,7 +143,7 @@ def _chunks(src: SourceConfig, chunk_rows: int) -> Iterator[Rows]:
             yield from _iter_with_datasets(src, path, chunk_rows)
         else:
             raise UserError(f"{path}: unknown data file type '{path.suffix}'; expected one of {', '.join(SUFFIXES)}")
-    elif path.is_dir() or _looks_like_hub_id(src.path):
+    elif path.is_dir() or hub.looks_like_hub_id(src.path):
         yield from _iter_with_datasets(src, path, chunk_rows)
     else:
         raise UserError(f"{src.path}: data path does not exist")
