@@ -5,7 +5,7 @@ For each ZeRO stage, a 2-process `sftdist launch` trains a locally built Llama f
 (the run prints how long the save took); then the same recipe resumes on 1 process, which converts that checkpoint
 once (it prints how long) and trains one more step. The figure is conversion time / save time.
 
-    python bench/resume_cost.py                          # hidden 512, 8 layers (~35M parameters)
+    python bench/resume_cost.py                          # hidden 512, 8 layers (~30M parameters)
     python bench/resume_cost.py --hidden 64 --layers 2   # a quick look
 """
 
