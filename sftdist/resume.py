@@ -136,13 +136,11 @@ def check(recipe: Recipe, ckpt: Path, old: dict[str, Any], new: dict[str, Any]) 
         )
     if not moved:
         return None
-    def processes(n: int) -> str:
-        return f"{n} process{'es' if n != 1 else ''}"
-
+    processes = f"{old['world_size']} process{'es' if old['world_size'] != 1 else ''}"
     return (
-        f"step {json.loads((ckpt / rundir.COMPLETE_MARKER).read_text())['global_step']} written by "
-        f"{processes(old['world_size'])}, now on {new['world_size']} (global batch {new['global_batch']} kept: "
-        f"accumulation {old['gradient_accumulation_steps']} -> {new['gradient_accumulation_steps']})"
+        f"step {old['global_step']} written by {processes}, now on {new['world_size']} (global batch "
+        f"{new['global_batch']} kept: accumulation {old['gradient_accumulation_steps']} -> "
+        f"{new['gradient_accumulation_steps']})"
     )
 
 
