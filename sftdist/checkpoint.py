@@ -25,13 +25,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import yaml
 
 from sftdist import distributed, lock, preemption, prompt_style, rundir
-from sftdist.errors import EXIT_PREEMPTED, UserError
+from sftdist.errors import UserError
 from sftdist.recipe import Recipe, run_identity
 from sftdist.rundir import (
     CHECKPOINT_RE,
@@ -44,6 +44,9 @@ from sftdist.rundir import (
     write_json_atomic,
     write_text_atomic,
 )
+
+if TYPE_CHECKING:
+    from sftdist.data.pipeline import DataReport
 
 WEIGHT_PATTERNS = ("model*.safetensors", "adapter_model.safetensors", FSDP_SHARDS, "*.distcp")
 
@@ -98,7 +101,8 @@ def _resumable(out: Path) -> tuple[Path | None, list[str]]:
     """The newest complete checkpoint that verifies, and a warning for each newer one that does not."""
     ckpts, skipped = complete_checkpoints(out), []
     for ckpt in reversed(ckpts):
-        problem = rundir.check_manifest(ckpt)
+        # Checkpoints written before manifests existed are vouched for by their marker alone.
+        problem = rundir.check_manifest(ckpt) if (ckpt / rundir.MANIFEST).is_file() else None
         if problem is None:
             return ckpt, [f"warning: {c}; falling back to {ckpt.name}" for c in skipped]
         skipped.append(f"{ckpt}: {problem}")
@@ -173,8 +177,9 @@ def decide(recipe: Recipe, facts: dict[str, Any], resume: bool, overwrite: bool)
 
 
 def _has_optimizer_state(ckpt: Path) -> bool:
-    """Whether the checkpoint can restore its optimizer: plain, DeepSpeed or FSDP optimizer files."""
-    return (ckpt / "optimizer.pt").is_file() or any(ckpt.glob("global_step*")) or (ckpt / "optimizer_0").is_dir()
+    """Whether the checkpoint can restore its optimizer: plain (optimizer.pt), FSDP (optimizer_0/ sharded,
+    optimizer.bin full state dict) or DeepSpeed (global_stepN/) optimizer files."""
+    return any(ckpt.glob("optimizer*")) or any(ckpt.glob("global_step*"))
 
 
 def _restart_doomed(out: Path) -> list[Path]:
@@ -193,7 +198,7 @@ def lock_output_dir(recipe: Recipe, args: Any) -> lock.RunLock | None:
     return held
 
 
-def claim_output_dir(trainer: Any, recipe: Recipe, claim: Claim) -> str | None:
+def claim_output_dir(trainer: Any, recipe: Recipe, claim: Claim, report: DataReport) -> str | None:
     """Carry out `claim` (rank 0 first: delete what it replaces, write the recipe, convert a ZeRO checkpoint
     of another world size to universal) and prepare the trainer to resume; return the checkpoint, if any."""
     from sftdist import resume as resuming
@@ -212,7 +217,7 @@ def claim_output_dir(trainer: Any, recipe: Recipe, claim: Claim) -> str | None:
                     p.unlink()
             out.mkdir(parents=True, exist_ok=True)
             write_text_atomic(out / RECIPE_FILE, recipe_yaml(recipe))
-            prompt_style.record(recipe, args)  # how generation renders prompts; every checkpoint and final/ carry it
+            prompt_style.record(recipe, report)  # how generation renders prompts; every checkpoint and final/ carry it
             return resuming.to_universal(claim.checkpoint) if claim.moved and deepspeed else None
 
     converted = distributed.rank_zero_only(args, carry_out)
@@ -222,15 +227,14 @@ def claim_output_dir(trainer: Any, recipe: Recipe, claim: Claim) -> str | None:
     trainer.sftdist_model_only = claim.model_only
     if claim.moved and deepspeed:
         # DeepSpeed reads this when the trainer builds its engine (at train()); `latest_universal` names the folder.
-        trainer.accelerator.state.deepspeed_plugin.deepspeed_config["checkpoint"] = {"load_universal": True}
+        trainer.accelerator.state.deepspeed_plugin.deepspeed_config.setdefault("checkpoint", {})["load_universal"] = True
     if args.process_index == 0:
         for warning in claim.warnings:
             click.echo(warning, err=True)
-        how = ""
-        if claim.moved:
-            conversion = {None: "; ZeRO checkpoint already in universal format"}.get(
-                converted, f"; ZeRO checkpoint converted to universal in {converted or 0:.1f} s")
-            how = f": {claim.moved}{conversion if deepspeed else ''}"
+        how = f": {claim.moved}" if claim.moved else ""
+        if claim.moved and deepspeed:
+            how += ("; ZeRO checkpoint already in universal format" if converted is None
+                    else f"; ZeRO checkpoint converted to universal in {converted:.1f} s")
         print(f"sftdist: resuming from {claim.checkpoint}{how}", flush=True)
     return str(claim.checkpoint)
 

@@ -62,7 +62,7 @@ def check_checkpoint(ckpt: Path) -> str:
     marked = (ckpt / COMPLETE_MARKER).is_file()
     if CHECKPOINT_RE.match(ckpt.name) and not marked:
         raise UserError(f"{ckpt}: checkpoint is incomplete (no {COMPLETE_MARKER} marker; the run stopped mid-write)")
-    if marked or (ckpt / MANIFEST).is_file():
+    if (ckpt / MANIFEST).is_file():  # one written before manifests existed is vouched for by its marker alone
         problem = rundir.check_manifest(ckpt)
         if problem is not None:
             raise UserError(f"{ckpt}: checkpoint is damaged ({problem}); export another checkpoint")
@@ -158,7 +158,7 @@ def _write_full_model(ckpt: Path, kind: str, tmp: Path, max_shard_size: str) -> 
             f"{ckpt}: weights do not match config.json (missing {still_missing[:3]}, unexpected {unexpected[:3]})"
         )
     tok = AutoTokenizer.from_pretrained(ckpt)
-    gen = GenerationConfig.from_pretrained(ckpt) if (ckpt / "generation_config.json").is_file() else GenerationConfig()
+    gen = GenerationConfig.from_pretrained(ckpt) if (ckpt / rundir.GENERATION_CONFIG).is_file() else GenerationConfig()
     gen.eos_token_id = tok.eos_token_id
     gen.pad_token_id = tok.pad_token_id
     model.generation_config = gen

@@ -42,10 +42,11 @@ def supported(model: Any) -> bool:
 
 def install(trainer: Any) -> bool:
     """Give `trainer`'s model (already patched by trl's SFTTrainer) this forward when it trains on CPU; True if so."""
-    from accelerate.utils import is_peft_model
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
-    model = trainer.model.get_base_model() if is_peft_model(trainer.model) else trainer.model
+    from sftdist.model import unwrapped
+
+    model = unwrapped(trainer.model)
     # Not installed under ZeRO-3, where it has not been verified.
     if trainer.args.device.type != "cpu" or is_deepspeed_zero3_enabled() or not supported(model):
         return False

@@ -126,8 +126,9 @@ def acquire(output_dir: Path) -> RunLock:
         ) from None
     except OSError as e:
         if held is not None:
-            held.release()
-        _remove_empty(created)
+            held.release()  # removes the directories it created too
+        else:
+            _remove_empty(created)
         raise UserError(f"{path}: cannot lock the output_dir ({e.strerror})") from None
     if stale:
         click.echo(

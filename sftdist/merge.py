@@ -603,8 +603,8 @@ def _write_side_files(base: Path, adapter: Path, out: Path, dtype: str, vocab: i
         config["vocab_size"] = vocab
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     for src in (adapter, base):
-        if (src / "generation_config.json").is_file():
-            shutil.copy2(src / "generation_config.json", out / "generation_config.json")
+        if (src / rundir.GENERATION_CONFIG).is_file():
+            shutil.copy2(src / rundir.GENERATION_CONFIG, out / rundir.GENERATION_CONFIG)
             break
     rundir.copy_tokenizer(adapter if any((adapter / f).is_file() for f in rundir.TOKENIZER_FILES) else base, out)
 

@@ -293,3 +293,10 @@ def load_model(recipe: Recipe, tokenizer: Any) -> Any:
             eos.insert(0, tokenizer.eos_token_id)
         gc.eos_token_id = eos[0] if len(eos) == 1 else eos
     return model
+
+
+def unwrapped(model: Any) -> Any:
+    """The transformers model inside a peft wrapper (or `model` itself)."""
+    from accelerate.utils import is_peft_model
+
+    return model.get_base_model() if is_peft_model(model) else model

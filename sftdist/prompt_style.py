@@ -10,16 +10,18 @@ them it is given, without the data.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from sftdist import rundir
 from sftdist.errors import UserError
 from sftdist.recipe import Recipe
 from sftdist.rundir import PROMPT_FILE
+
+if TYPE_CHECKING:
+    from sftdist.data.pipeline import DataReport
 
 
 @dataclass(frozen=True)
@@ -33,33 +35,15 @@ class PromptStyle:
         return f"prompts rendered {how} ({self.source})"
 
 
-def detect(recipe: Recipe) -> PromptStyle:
-    """Chat when every training source is chat: each source's format, detected from its first row
-    when `auto` (or a row selection such as dpo_chosen, whose rows may be either layout); sources
-    that cannot be read are skipped. A mixed run keeps the prompt template."""
-    from sftdist.data.formats import CHAT_FORMATS, SELECT_FORMATS, render_rows
-    from sftdist.data.load import iter_source
+def record(recipe: Recipe, report: DataReport) -> None:
+    """Write the run's prompt style into output_dir, from where every checkpoint and the final model copy
+    it: chat when every training source's rows are chat (the layouts the data pipeline detected, as
+    training rendered them); a mixed run keeps the prompt template."""
+    from sftdist.data.formats import CHAT_FORMATS
 
-    formats = []
-    for src in recipe.data.train:
-        fmt = src.format
-        if fmt == "auto" or fmt in SELECT_FORMATS:
-            try:
-                first = next(iter_source(dataclasses.replace(src, limit=1), chunk_rows=1))
-                fmt = render_rows(first.rows, first.labels, src.format, recipe.data.template, first.where).format
-            except UserError:
-                continue
-        formats.append(fmt)
-    chat = bool(formats) and all(f in CHAT_FORMATS for f in formats)
-    return PromptStyle(chat, recipe.data.template, f"detected from the data of {recipe.source}")
-
-
-def record(recipe: Recipe, args: Any) -> None:
-    """Write the run's prompt style into output_dir (the process that saves checkpoints does), from
-    where every checkpoint and the final model copy it."""
-    if args.should_save:
-        style = detect(recipe)
-        rundir.write_json_atomic(Path(recipe.output_dir) / PROMPT_FILE, {"chat": style.chat, "template": style.template})
+    layouts = [s.layout for s in report.sources if s.role == "train"]
+    chat = bool(layouts) and all(layout in CHAT_FORMATS for layout in layouts)
+    rundir.write_json_atomic(Path(recipe.output_dir) / PROMPT_FILE, {"chat": chat, "template": recipe.data.template})
 
 
 def read(model_dir: Path) -> PromptStyle:

@@ -131,7 +131,7 @@ class Recipe:
     lora: LoraConfig = field(default_factory=LoraConfig)
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    # Passed through to trl's SFTConfig; keys are checked against it by `check_train_keys`.
+    # Passed through to trl's SFTConfig; keys are checked against it by `typed_train`.
     train: dict[str, Any] = field(default_factory=dict)
     output_dir: str = "runs/sft"
     # Largest safetensors file in checkpoints and the final model (e.g. "5GB", "500MB").
@@ -201,11 +201,6 @@ def accumulation(recipe: Recipe, world_size: int) -> int:
         f"{src}: global_batch_size {n} with per_device_train_batch_size {b} needs a number of processes{per_group} "
         f"whose data-parallel share divides {n // b}: {', '.join(works)}; got {world_size}"
     )
-
-
-def global_batch(recipe: Recipe, world_size: int) -> int:
-    """Sequences per optimizer step over `world_size` processes (sequence-parallel groups share theirs)."""
-    return recipe.per_device_batch * accumulation(recipe, world_size) * max(1, world_size // recipe.sequence_parallel)
 
 
 def _canonical(train: dict[str, Any]) -> dict[str, Any]:

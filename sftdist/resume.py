@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from sftdist import rundir
+from sftdist.data.cache import digest
 from sftdist.errors import UserError
 from sftdist.recipe import Recipe, accumulation
 
@@ -45,11 +46,8 @@ def _family(distributed_type: str | None) -> str:
 
 
 def data_fingerprint(inputs: dict[str, Any]) -> dict[str, Any]:
-    """The data cache's fingerprint inputs, reduced to a digest and one digest per source (to name a change)."""
-
-    def digest(obj: Any) -> str:
-        return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
+    """The data cache's fingerprint inputs, reduced to a digest (the cache entry's name) and one digest per
+    source (to name a change)."""
     sources = {s["path"]: digest(s["identity"]) for role in ("train", "eval") for s in inputs["data"][role]}
     return {"digest": digest(inputs), "sources": sources}
 

@@ -40,12 +40,12 @@ FSDP_SHARDS = "pytorch_model_fsdp_0"  # accelerate's folder of FSDP SHARDED_STAT
 ADAPTER_CONFIG = "adapter_config.json"  # peft's
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's
 TRAINER_STATE = "trainer_state.json"  # the Trainer's
-# Tokenizer files that decide the tokens, and the generation config whose EOS ids end a generation.
+# Tokenizer files that decide the tokens.
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
     "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model", "chat_template.jinja", "chat_template.json",
 )  # fmt: skip
-GENERATION_CONFIG = "generation_config.json"
+GENERATION_CONFIG = "generation_config.json"  # transformers': the EOS ids that end a generation
 _PARTIAL = re.compile(r"^\.(?P<name>.+)\.partial-(?P<host>[^-]+)-(?P<pid>\d+)$")
 
 

@@ -27,7 +27,7 @@ from sftdist.errors import UserError
 from sftdist.rundir import write_json_atomic
 
 # --size -> (max_length, rows per device per step) when not given: the demo's shape on CPU; on GPUs
-# 16k tokens per micro-batch, enough to keep an H100/H200 busy without activation checkpointing.
+# 16k tokens per micro-batch (8k for 8b), enough to keep an H100/H200 busy without activation checkpointing.
 RUN_SHAPE = {"tiny": (128, 8), "125m": (2048, 8), "1b": (4096, 4), "8b": (4096, 2)}
 CONFIG_RUN_SHAPE = (2048, 4)  # a --size PATH/config.json
 DEMO_TRAIN = Path(__file__).resolve().parent / "demo" / "train.jsonl"
@@ -246,7 +246,8 @@ def main(o: Options) -> None:
     print(format_table(report), flush=True)
     if o.out:
         print(f"  report                     {o.out}", flush=True)
-    failed = [what for what, ok in (("the packing check", report["packing_check"]["passed"]),
+    pc = report["packing_check"]  # None when the rows were not packed: then padding_free fails below
+    failed = [what for what, ok in (("the packing check", pc is None or pc["passed"]),
                                     ("padding-free rows", (report["ran"]["batch"] or {}).get("padding_free"))) if not ok]
     if failed:  # the stack does not train packed rows as it should: not a user mistake
         print(f"sftdist selftest: FAILED: {', '.join(failed)}", file=sys.stderr, flush=True)

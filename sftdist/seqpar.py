@@ -130,6 +130,8 @@ def install(trainer: Any, recipe: Recipe) -> bool:
       SP batches) and averages the micro-batches' mean losses instead. Here each micro-batch's loss is weighted
       by its share of the step's loss tokens, so the logged loss and the gradients are the token-weighted ones.
     """
+    from sftdist.model import unwrapped
+
     pc = getattr(trainer.accelerator, "parallelism_config", None)
     if pc is None or pc.sp_size == 1:
         return False
@@ -168,7 +170,7 @@ def install(trainer: Any, recipe: Recipe) -> bool:
             return _scale_gradient(result[0] * weight, gradient_scale), result[1]
         return _scale_gradient(result * weight, gradient_scale)
 
-    use_packed_attention(_unwrapped(trainer.model))
+    use_packed_attention(unwrapped(trainer.model))
     pad_to_group(trainer.accelerator, trainer.data_collator.pad_token_id)
     # The Trainer's private hook is where it counts a step's loss tokens; there is no public one.
     trainer._get_num_items_in_batch = count_step_tokens
@@ -177,13 +179,6 @@ def install(trainer: Any, recipe: Recipe) -> bool:
     if not recipe.train_setting("ignore_data_skip"):
         trainer.add_callback(_skip_trained_batches())
     return True
-
-
-def _unwrapped(model: Any) -> Any:
-    """The transformers model inside a peft wrapper (or `model` itself)."""
-    from accelerate.utils import is_peft_model
-
-    return model.get_base_model() if is_peft_model(model) else model
 
 
 def _sequence_parallel_check(size: int) -> Any:

@@ -106,7 +106,8 @@ def run_training(recipe: Recipe, resume: bool = True, overwrite: bool = False) -
         tokenizer = functools.cache(lambda: load_tokenizer(recipe))
         # What this run is, and what it does with output_dir: decided before any heavy work, carried out
         # (claim_output_dir) only once the trainer exists, so that no check in between leaves a trace there.
-        facts = planned(recipe, data_fingerprint(fingerprint_inputs(recipe, tokenizer)))
+        inputs = fingerprint_inputs(recipe, tokenizer)
+        facts = planned(recipe, data_fingerprint(inputs))
         claim = checkpoint.decide(recipe, facts, resume=resume, overwrite=overwrite)
         if claim.action == "finished":
             if run_lock is not None:
@@ -114,11 +115,11 @@ def run_training(recipe: Recipe, resume: bool = True, overwrite: bool = False) -
                       "to do (--no-resume trains it again)", flush=True)
                 run_lock.release()
             return claim.checkpoint
-        data = prepare(recipe, tokenizer)
+        data = prepare(recipe, tokenizer, inputs=inputs)
         model = load_model(recipe, tokenizer())
         trainer = build_trainer(recipe, args, tokenizer(), data, model)
         trainer.sftdist_facts = facts
-        resume_from = checkpoint.claim_output_dir(trainer, recipe, claim)
+        resume_from = checkpoint.claim_output_dir(trainer, recipe, claim, data.report)
     state = distributed.verified_state(trainer)
     if trainer.is_world_process_zero():
         print(f"sftdist: {json.dumps(state)}", flush=True)

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from conftest import REPO, copy_run, decide, run_cli
-from sftdist import checkpoint, rundir
+from sftdist import rundir
 from sftdist.errors import EXIT_PREEMPTED, UserError
 from sftdist.lock import LOCK_FILE
 from sftdist.recipe import load_recipe
@@ -111,6 +111,9 @@ def test_damaged_checkpoints_fall_back_and_none_left_is_one_line(tmp_path, unint
         f"{copy / 'checkpoint-3'}: trainer_state.json has {state.stat().st_size} bytes, "
         f"{state.stat().st_size + 10} were written); pass --no-resume to start over"
     )
+    # A checkpoint written before manifests existed (marker, no manifest) is vouched for by its marker.
+    (copy / "checkpoint-6" / rundir.MANIFEST).unlink()
+    assert decide(recipe).checkpoint == copy / "checkpoint-6"
 
 
 def test_run_stopped_at_its_last_step_finishes_without_training_and_a_rerun_does_nothing(tmp_path, uninterrupted):

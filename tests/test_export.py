@@ -122,3 +122,24 @@ def test_generate_stops_at_the_models_context(tmp_path: Path):
     warning = ("warning: --max-new-tokens 100000 goes past the model's context of 32 tokens; "
                "each answer stops at the context")
     assert warning in proc.stderr.splitlines(), proc.stderr
+
+
+def test_prompt_style_follows_the_layouts_the_data_pipeline_detected(tmp_path: Path):
+    """Recorded from the cache entry's report (no second read of the data, which a requeued node may not
+    have): chat when every training source's rows were chat, also under a row selection (dpo_chosen)."""
+    from sftdist import prompt_style
+    from sftdist.data.pipeline import DataReport, SourceReport
+    from sftdist.recipe import Recipe
+
+    recipe = Recipe(output_dir=str(tmp_path))
+    recipe.data.template = "alpaca"
+
+    def recorded(*sources: SourceReport) -> dict:
+        prompt_style.record(recipe, DataReport(list(sources), 1, 0, 1, 1, True, 64, 1))
+        return json.loads((tmp_path / PROMPT_FILE).read_text())
+
+    chat = SourceReport("hub:org/prefs", "train", "dpo_chosen", "messages")
+    held_out = SourceReport("eval.jsonl", "eval", "alpaca", "alpaca")
+    assert recorded(chat, held_out) == {"chat": True, "template": "alpaca"}
+    assert recorded(chat, SourceReport("a.jsonl", "train", "alpaca", "alpaca")) == {"chat": False, "template": "alpaca"}
+    assert prompt_style.read(tmp_path).chat is False

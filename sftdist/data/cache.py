@@ -16,8 +16,8 @@ An entry is built in a hidden sibling directory and made visible by one `rename`
 build killed midway leaves nothing that looks complete. Every read checks its manifest (file names
 and sizes) and a CRC-32 of every file (`CHECKSUMS_FILE`: a file damaged at the same size would
 otherwise train on wrong tokens, or fail as an Arrow traceback); an entry that fails either check is
-rebuilt with a warning, never used. The checksums cost one read of the entry per start (CRC-32 runs
-at about 3.5 GB/s from the page cache, which the trainer then reads from anyway).
+rebuilt with a warning, never used. The checksums cost one read of the entry per rank and start (CRC-32
+runs at about 3.5 GB/s from the page cache, which the trainer then reads from anyway).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from sftdist.errors import UserError
 from sftdist.recipe import Recipe
 
 # Bump when the encoding, packing or report code changes what an entry holds.
-ENCODING_VERSION = 3
+ENCODING_VERSION = 4
 INPUTS_FILE = "inputs.json"  # the fingerprint inputs, for a person wondering why an entry was built
 CHECKSUMS_FILE = "checksums.json"  # {file: CRC-32} of every file of the entry
 CACHE_ENV = "SFTDIST_CACHE"
@@ -204,12 +204,15 @@ def _user_error_if_unwritable(e: OSError, root: Path) -> Exception:
 
 
 def ensure_entry(
-    recipe: Recipe, load_tokenizer: Callable[[], Any], build: Callable[[Path], None], force: bool = False
+    recipe: Recipe, load_tokenizer: Callable[[], Any], build: Callable[[Path], None], force: bool = False,
+    inputs: dict[str, Any] | None = None,
 ) -> Entry:
-    """The verified entry for `recipe`'s data: found, built here (local rank 0), or waited for."""
+    """The verified entry for `recipe`'s data: found, built here (local rank 0), or waited for. `inputs`:
+    the fingerprint inputs when the caller has them already (hashing the tokenizer files again costs)."""
     root = cache_root(recipe)
     _check_root(root)
-    inputs = fingerprint_inputs(recipe, load_tokenizer)
+    if inputs is None:
+        inputs = fingerprint_inputs(recipe, load_tokenizer)
     fp = digest(inputs)
     entry = root / fp
     if not force and verify(entry):

@@ -44,6 +44,7 @@ class SourceReport:
     where: str
     role: str  # "train" | "eval"
     format: str
+    layout: str = ""  # the row layout its first chunk detected (messages, alpaca, ...), also under dpo_chosen/kto_good
     rows: int = 0
     dropped: dict[str, int] = field(default_factory=dict)  # rows, by reason
     changed: dict[str, int] = field(default_factory=dict)  # kept rows truncated, empty turns left out of the loss
@@ -202,7 +203,7 @@ def _encode_source(
     try:
         for done in _encoded_chunks(src, recipe, encoder):
             if report is None:
-                report = SourceReport(done.where, role, source_format(src, done.format))
+                report = SourceReport(done.where, role, source_format(src, done.format), done.format)
             report.rows += done.rows
             dropped.update(done.dropped)
             changed.update(done.changed)
@@ -346,8 +347,12 @@ class Prepared:
         return pa.ipc.open_stream(pa.memory_map(str(self.entry / TRAIN_FILE))).read_all()
 
 
-def prepare(recipe: Recipe, load_tokenizer: Callable[[], Any], force: bool = False, progress: bool = True) -> Prepared:
-    """The recipe's prepared data: from the cache, or built into it first (see data/cache.py)."""
+def prepare(
+    recipe: Recipe, load_tokenizer: Callable[[], Any], force: bool = False, progress: bool = True,
+    inputs: dict[str, Any] | None = None,
+) -> Prepared:
+    """The recipe's prepared data: from the cache, or built into it first (see data/cache.py); `inputs`, the
+    cache's fingerprint inputs when the caller computed them already."""
     from sftdist.data.cache import ensure_entry
 
     rank = os.environ.get("RANK")
@@ -359,7 +364,7 @@ def prepare(recipe: Recipe, load_tokenizer: Callable[[], Any], force: bool = Fal
             click.echo(f"sftdist: {who}building the data cache ({tmp.parent})")
         build(recipe, load_tokenizer(), tmp, progress)
 
-    found = ensure_entry(recipe, load_tokenizer, build_into, force=force)
+    found = ensure_entry(recipe, load_tokenizer, build_into, force=force, inputs=inputs)
     took = f" in {time.perf_counter() - start:.1f} s" if found.how == "built" else ""
     if progress:
         click.echo(f"sftdist: {who}data cache {found.how}{took}: {found.path}")
