@@ -94,6 +94,25 @@ def test_resume_reproduces_losses_exactly(tmp_path, uninterrupted):
     assert rundir.check_manifest(copy / "checkpoint-6") is None  # written again, whole
 
 
+def test_optimizer_state_is_found_under_every_name_the_trainer_writes(tmp_path, uninterrupted):
+    """optimizer.pt (plain), optimizer.bin (FSDP with a full state dict), optimizer_0/ (FSDP sharded): each
+    resumes with its optimizer; a checkpoint with none resumes on schedule with the warning."""
+    r, run = uninterrupted
+    copy = tmp_path / "copy"
+    recipe = load_recipe(copy_run(run, r, copy))
+    ckpt = copy / "checkpoint-6"
+    (ckpt / "optimizer.pt").rename(ckpt / "optimizer.bin")
+    rundir.write_manifest(ckpt)
+    claim = decide(recipe)
+    assert (claim.checkpoint, claim.model_only, claim.warnings) == (ckpt, False, [])
+    (ckpt / "optimizer.bin").unlink()
+    rundir.write_manifest(ckpt)
+    claim = decide(recipe)
+    assert (claim.checkpoint, claim.model_only) == (ckpt, True)
+    assert claim.warnings == [f"warning: {ckpt} holds the model only (train.save_only_model: true): resuming with "
+                              "the learning-rate schedule at its step; the optimizer's moments start again from zero"]
+
+
 def test_damaged_checkpoints_fall_back_and_none_left_is_one_line(tmp_path, uninterrupted):
     r, run = uninterrupted
     copy = tmp_path / "copy"
