@@ -46,10 +46,10 @@ def _family(distributed_type: str | None) -> str:
 
 
 def data_fingerprint(inputs: dict[str, Any]) -> dict[str, Any]:
-    """The data cache's fingerprint inputs, reduced to a digest (the cache entry's name) and one digest per
-    source (to name a change)."""
+    """The data cache's fingerprint inputs, reduced to a digest (the cache entry's name), one digest per
+    source and the data encoding's version (to name what changed)."""
     sources = {s["path"]: digest(s["identity"]) for role in ("train", "eval") for s in inputs["data"][role]}
-    return {"digest": digest(inputs), "sources": sources}
+    return {"digest": digest(inputs), "sources": sources, "version": inputs["version"]}
 
 
 def planned(recipe: Recipe, data: dict[str, Any]) -> dict[str, Any]:
@@ -95,10 +95,16 @@ def _suggested(facts: dict[str, Any]) -> str:
 
 
 def _data_change(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """Why the data fingerprints differ, as the refusal says it: an upgrade of sftdist's encoding, data files,
+    or else the tokenizer or the data settings."""
+    # Markers that hold no version were written before it was recorded, by the data encoding of version 3.
+    if old.get("version") != new["version"]:
+        return (f"written by an sftdist whose data encoding is version {old.get('version', 3)} (this one's is "
+                f"{new['version']}): its data position may point into other rows; finish the run with that sftdist")
     changed = [p for p in sorted({*old["sources"], *new["sources"]}) if old["sources"].get(p) != new["sources"].get(p)]
-    if changed:
-        return "changed since: " + ", ".join(changed)
-    return "the tokenizer or the data settings changed since"
+    what = f"the training data changed since: {', '.join(changed)}" if changed else (
+        "the tokenizer or the data settings changed since")
+    return f"{what} it was written, so its data position points into other rows; restore the data"
 
 
 def check(recipe: Recipe, ckpt: Path, old: dict[str, Any], new: dict[str, Any]) -> str | None:
@@ -107,10 +113,7 @@ def check(recipe: Recipe, ckpt: Path, old: dict[str, Any], new: dict[str, Any]) 
     if not old:
         return None  # a marker written before sftdist recorded the run: resumed as before
     if old["data"]["digest"] != new["data"]["digest"]:
-        raise UserError(
-            f"{ckpt}: the training data {_data_change(old['data'], new['data'])} it was written, so its data "
-            "position points into other rows; restore the data, or pass --no-resume to start over"
-        )
+        raise UserError(f"{ckpt}: {_data_change(old['data'], new['data'])}, or pass --no-resume to start over")
     same_family = _family(old["distributed_type"]) == _family(new["distributed_type"])
     if not same_family or old["zero_stage"] != new["zero_stage"]:
         raise UserError(

@@ -160,10 +160,21 @@ def test_a_changed_data_file_is_refused_naming_it(tmp_path, tmp_path_factory, ti
     from sftdist.model import load_tokenizer
     from sftdist.resume import data_fingerprint
 
+    from sftdist.data.cache import ENCODING_VERSION
+
     loaded = load_recipe(recipe)
-    marker.write_text(json.dumps({**written, "data": data_fingerprint(fingerprint_inputs(
-        loaded, lambda: load_tokenizer(loaded)))}))
+    fingerprint = data_fingerprint(fingerprint_inputs(loaded, lambda: load_tokenizer(loaded)))
+    marker.write_text(json.dumps({**written, "data": fingerprint}))
     assert decide(loaded).action == "resume"
+
+    # Written by an sftdist of an older data encoding (a marker of before the version was recorded holds none).
+    old = {k: v for k, v in fingerprint.items() if k != "version"} | {"digest": "0" * 24}
+    marker.write_text(json.dumps({**written, "data": old}))
+    line = refused(["train", str(recipe)], copy)
+    assert line == (f"error: {copy / 'checkpoint-2'}: written by an sftdist whose data encoding is version 3 (this one's "
+                    f"is {ENCODING_VERSION}): its data position may point into other rows; finish the run with that "
+                    "sftdist, or pass --no-resume to start over")
+    marker.write_text(json.dumps({**written, "data": fingerprint}))
 
     with data.open("a") as f:
         f.write(demo_rows.read_text().splitlines()[0] + "\n")
