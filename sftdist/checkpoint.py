@@ -99,10 +99,13 @@ def _refuse_deleting_inputs(recipe: Recipe, doomed: list[Path], why: str) -> Non
 
 def _resumable(out: Path) -> tuple[Path | None, list[str]]:
     """The newest complete checkpoint that verifies, and a warning for each newer one that does not."""
+    from sftdist import resume as resuming
+
     ckpts, skipped = complete_checkpoints(out), []
     for ckpt in reversed(ckpts):
         # Checkpoints written before manifests existed are vouched for by their marker alone.
         problem = rundir.check_manifest(ckpt) if (ckpt / rundir.MANIFEST).is_file() else None
+        problem = problem or resuming.marker_problem(ckpt)
         if problem is None:
             return ckpt, [f"warning: {c}; falling back to {ckpt.name}" for c in skipped]
         skipped.append(f"{ckpt}: {problem}")
@@ -161,6 +164,7 @@ def decide(recipe: Recipe, facts: dict[str, Any], resume: bool, overwrite: bool)
     from sftdist import resume as resuming
 
     recorded = resuming.recorded(ckpt)
+    warnings += resuming.check_data(ckpt, recorded, facts)
     moved = resuming.check(recipe, ckpt, recorded, facts)
     model_only = not _has_optimizer_state(ckpt)
     if model_only:

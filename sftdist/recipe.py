@@ -179,6 +179,11 @@ def run_identity(recipe_dict: dict[str, Any]) -> dict[str, Any]:
     recipes with the same identity are the same run (checkpoint.py compares the global batch separately)."""
     d = {k: v for k, v in recipe_dict.items() if k not in _NOT_IDENTITY}
     d["train"] = {k: v for k, v in (d.get("train") or {}).items() if k not in _NOT_IDENTITY}
+    # Where a data source is read from is not what is learned: its content is, which resume checks
+    # (resume.check_data), so data moved or re-staged elsewhere continues the same run.
+    data = d.get("data") if isinstance(d.get("data"), dict) else {}
+    d["data"] = {**data, **{role: [{k: v for k, v in s.items() if k != "path"} if isinstance(s, dict) else s
+                                   for s in data.get(role) or []] for role in ("train", "eval")}}
     return d
 
 

@@ -46,10 +46,15 @@ def _family(distributed_type: str | None) -> str:
 
 
 def data_fingerprint(inputs: dict[str, Any]) -> dict[str, Any]:
-    """The data cache's fingerprint inputs, reduced to a digest (the cache entry's name), one digest per
-    source and the data encoding's version (to name what changed)."""
-    sources = {s["path"]: digest(s["identity"]) for role in ("train", "eval") for s in inputs["data"][role]}
-    return {"digest": digest(inputs), "sources": sources, "version": inputs["version"]}
+    """The data cache's fingerprint inputs, reduced to digests of what the run trains on, without the paths
+    the sources were read from (a source is its content: data/cache.py): everything but the eval sources
+    (`rest`: what the data position depends on), the train and eval sources apart (to name which changed),
+    and the data encoding's version."""
+    data = inputs["data"]
+    content = {role: [{k: v for k, v in s.items() if k != "path"} for s in data[role]] for role in ("train", "eval")}
+    rest = {**inputs, "data": {**data, "train": content["train"], "eval": None}}
+    return {"rest": digest(rest), "train": digest(content["train"]), "eval": digest(content["eval"]),
+            "version": inputs["version"]}
 
 
 def planned(recipe: Recipe, data: dict[str, Any]) -> dict[str, Any]:
@@ -72,13 +77,32 @@ def planned(recipe: Recipe, data: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def recorded(ckpt: Path) -> dict[str, Any]:
-    """What a checkpoint's marker says about the run that wrote it ({} for a marker that predates this)."""
+_RECORDED = {"world_size": int, "data_parallel": int, "sequence_parallel": int, "per_device_train_batch_size": int,
+             "gradient_accumulation_steps": int, "global_batch": int, "global_step": int, "data": dict}
+
+
+def marker_problem(ckpt: Path) -> str | None:
+    """What is wrong with a checkpoint's completion marker, or None. A marker that is not sftdist's JSON, or
+    lacks what it records about the run, would otherwise switch off every check of the resume."""
     try:
         marker = json.loads((ckpt / rundir.COMPLETE_MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return {}
-    return marker if isinstance(marker, dict) and "world_size" in marker else {}
+        return f"{rundir.COMPLETE_MARKER} is not the JSON sftdist writes"
+    if not isinstance(marker, dict) or not isinstance(marker.get("global_step"), int):
+        return f"{rundir.COMPLETE_MARKER} holds no global_step"
+    if "world_size" not in marker:
+        return None  # written before sftdist recorded the run: resumed as before
+    bad = [k for k, t in _RECORDED.items() if not isinstance(marker.get(k), t)]
+    if not bad and not isinstance(marker["data"].get("rest", marker["data"].get("digest")), str):
+        bad = ["data"]
+    return f"{rundir.COMPLETE_MARKER} lacks or garbles {', '.join(bad)}" if bad else None
+
+
+def recorded(ckpt: Path) -> dict[str, Any]:
+    """What a checkpoint's marker says about the run that wrote it ({} for a marker that predates this);
+    the marker was checked by `marker_problem` when the checkpoint was chosen."""
+    marker = json.loads((ckpt / rundir.COMPLETE_MARKER).read_text(encoding="utf-8"))
+    return marker if "world_size" in marker else {}
 
 
 def _strategy_words(facts: dict[str, Any]) -> str:
@@ -94,26 +118,40 @@ def _suggested(facts: dict[str, Any]) -> str:
     return FAMILY_STRATEGIES[family]
 
 
-def _data_change(old: dict[str, Any], new: dict[str, Any]) -> str:
-    """Why the data fingerprints differ, as the refusal says it: an upgrade of sftdist's encoding, data files,
-    or else the tokenizer or the data settings."""
+def check_data(ckpt: Path, old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Refuse (UserError) a resume whose data position would point into other rows: another data encoding,
+    other training data, tokenizer or data settings. Changed eval data only changes what the eval loss is
+    measured on: a warning. The paths the data is read from are not part of it (data/cache.py)."""
+    if not old:
+        return []  # a marker written before sftdist recorded the run: resumed as before
+    was, now = old["data"], new["data"]
     # Markers that hold no version were written before it was recorded, by the data encoding of version 3.
-    if old.get("version") != new["version"]:
-        return (f"written by an sftdist whose data encoding is version {old.get('version', 3)} (this one's is "
-                f"{new['version']}): its data position may point into other rows; finish the run with that sftdist")
-    changed = [p for p in sorted({*old["sources"], *new["sources"]}) if old["sources"].get(p) != new["sources"].get(p)]
-    what = f"the training data changed since: {', '.join(changed)}" if changed else (
-        "the tokenizer or the data settings changed since")
-    return f"{what} it was written, so its data position points into other rows; restore the data"
+    if was.get("version") != now["version"]:
+        raise UserError(
+            f"{ckpt}: written by an sftdist whose data encoding is version {was.get('version', 3)} (this one's is "
+            f"{now['version']}): its data position may point into other rows; finish the run with that sftdist, or "
+            "pass --no-resume to start over")
+    if "rest" not in was:  # written before sources were identified by their content
+        return [f"warning: {ckpt} predates data fingerprints by content: resuming without checking that the data "
+                "is the same"]
+    if was["rest"] != now["rest"]:
+        what = ("the training data (data.train)" if was["train"] != now["train"]
+                else "the tokenizer or the data settings")
+        raise UserError(
+            f"{ckpt}: {what} changed since it was written, so its data position points into other rows; restore "
+            "it, or pass --no-resume to start over")
+    if was["eval"] != now["eval"]:
+        return [f"warning: {ckpt}: the eval data (data.eval) changed since it was written: eval losses before and "
+                "after this resume are measured on other rows"]
+    return []
 
 
 def check(recipe: Recipe, ckpt: Path, old: dict[str, Any], new: dict[str, Any]) -> str | None:
-    """Refuse (UserError) a resume of `ckpt` that could not continue the same run; else say how it resumes
-    when the world size changed (None when nothing changed)."""
+    """Refuse (UserError) a resume of `ckpt` that could not continue the same run under this strategy and
+    batch (the data: `check_data`); else say how it resumes when the world size changed (None when nothing
+    changed)."""
     if not old:
         return None  # a marker written before sftdist recorded the run: resumed as before
-    if old["data"]["digest"] != new["data"]["digest"]:
-        raise UserError(f"{ckpt}: {_data_change(old['data'], new['data'])}, or pass --no-resume to start over")
     same_family = _family(old["distributed_type"]) == _family(new["distributed_type"])
     if not same_family or old["zero_stage"] != new["zero_stage"]:
         raise UserError(

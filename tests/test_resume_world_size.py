@@ -139,48 +139,126 @@ def test_resumes_that_cannot_continue_the_same_run_are_refused_in_one_line(tmp_p
                     "new run from the exported model")
 
 
-def test_a_changed_data_file_is_refused_naming_it(tmp_path, tmp_path_factory, tiny_model, demo_rows):
-    """Rows appended to the data file after a stop: resuming would point the data position into other rows."""
+def test_data_is_identified_by_its_content(tmp_path, tmp_path_factory, tiny_model, demo_rows):
+    """A data source is its bytes, not its path or mtime: a `touch`, a re-staged copy (new inode and mtime, as
+    a requeued slurm job stages it to scratch again), a symlink to an identical copy and a move (the recipe
+    naming the new place) resume; rows appended to the training data are refused naming it; rows appended to
+    the separate eval data only change what the eval loss is measured on (a warning)."""
+    import os
+
     from conftest import decide
     from sftdist.recipe import load_recipe
 
-    run = trained(tmp_path_factory, tiny_model, demo_rows, "full", "ddp")
-    data = tmp_path / "train.jsonl"
-    shutil.copy(demo_rows, data)
-    recipe = stopped_at(run, run.parent / "recipe.yaml", tmp_path / "copy", 2)
+    run = trained(tmp_path_factory, tiny_model, demo_rows, "full", "ddp")  # trained on demo_rows
     copy = tmp_path / "copy"
-    for path in (recipe, copy / "sftdist_recipe.yaml"):  # the same run, on its own copy of the data
-        raw = yaml.safe_load(path.read_text())
-        raw["data"]["train"][0]["path"] = str(data)
-        path.write_text(yaml.safe_dump(raw))
-    marker = copy / "checkpoint-2" / COMPLETE_MARKER
-    written = json.loads(marker.read_text())
-    # The checkpoint as this run writes it about this data file (its fingerprint, as `sftdist train` computes it).
-    from sftdist.data.cache import fingerprint_inputs
+    recipe = stopped_at(run, run.parent / "recipe.yaml", copy, 2)
+
+    def reads(path: Path) -> Path:
+        raw = yaml.safe_load(recipe.read_text())
+        raw["data"]["train"][0]["path"] = str(path)
+        recipe.write_text(yaml.safe_dump(raw))
+        return path
+
+    def resumes() -> list[str]:
+        claim = decide(load_recipe(recipe))
+        assert (claim.action, claim.checkpoint) == ("resume", copy / "checkpoint-2")
+        return claim.warnings
+
+    data = reads(tmp_path / "moved" / "train.jsonl")  # moved: another path, the recipe names it
+    data.parent.mkdir()
+    shutil.copy(demo_rows, data)
+    assert resumes() == []
+    os.utime(data, (1e9, 2e9))  # touched
+    assert resumes() == []
+    linked = tmp_path / "elsewhere.jsonl"
+    shutil.copy(data, linked)
+    reads(tmp_path / "link.jsonl").symlink_to(linked)  # a symlink to an identical copy
+    assert resumes() == []
+    reads(data)
+    staged = tmp_path / "staged.jsonl"  # staged again: a new file with the same bytes under the same name
+    shutil.copy(demo_rows, staged)
+    os.replace(staged, data)
+    out = run_cli("train", str(recipe))  # the whole resume, on one process (global batch 4 kept)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"sftdist: resuming from {copy / 'checkpoint-2'}: step 2 written by 2 processes, now on 1" in out.stdout
+
+    # A real change of the training rows: refused, naming the training data, and nothing written.
+    recipe = stopped_at(run, run.parent / "recipe.yaml", tmp_path / "again", 2)
+    reads(data)
+    with data.open("a") as f:
+        f.write(demo_rows.read_text().splitlines()[0] + "\n")
+    line = refused(["train", str(recipe)], tmp_path / "again")
+    assert line == (f"error: {tmp_path / 'again' / 'checkpoint-2'}: the training data (data.train) changed since it was "
+                    "written, so its data position points into other rows; restore it, or pass --no-resume to start "
+                    "over")
+
+
+def test_changed_eval_data_resumes_with_a_warning_and_an_older_encoding_is_refused(tmp_path, tmp_path_factory,
+                                                                                    tiny_model, demo_rows):
+    """A run with a separate eval file (its checkpoint's marker as `sftdist train` writes it for that recipe):
+    rows appended to the eval file resume with a warning naming the eval data; a checkpoint of an older data
+    encoding is refused naming the version."""
+    from conftest import decide
+    from sftdist.data.cache import ENCODING_VERSION, fingerprint_inputs
     from sftdist.model import load_tokenizer
+    from sftdist.recipe import load_recipe
     from sftdist.resume import data_fingerprint
 
-    from sftdist.data.cache import ENCODING_VERSION
-
+    run = trained(tmp_path_factory, tiny_model, demo_rows, "full", "ddp")
+    copy = tmp_path / "copy"
+    recipe = stopped_at(run, run.parent / "recipe.yaml", copy, 2)
+    held_out = tmp_path / "eval.jsonl"
+    held_out.write_text("\n".join(demo_rows.read_text().splitlines()[:4]) + "\n")
+    for path in (recipe, copy / "sftdist_recipe.yaml"):  # the run as trained with this eval file
+        raw = yaml.safe_load(path.read_text())
+        raw["data"]["eval"] = [{**raw["data"]["train"][0], "path": str(held_out)}]
+        path.write_text(yaml.safe_dump(raw))
     loaded = load_recipe(recipe)
+    marker = copy / "checkpoint-2" / COMPLETE_MARKER
+    written = json.loads(marker.read_text())
     fingerprint = data_fingerprint(fingerprint_inputs(loaded, lambda: load_tokenizer(loaded)))
     marker.write_text(json.dumps({**written, "data": fingerprint}))
-    assert decide(loaded).action == "resume"
+    assert decide(loaded).warnings == []
+
+    with held_out.open("a") as f:
+        f.write(demo_rows.read_text().splitlines()[5] + "\n")
+    claim = decide(load_recipe(recipe))
+    assert claim.action == "resume" and claim.warnings == [
+        f"warning: {copy / 'checkpoint-2'}: the eval data (data.eval) changed since it was written: eval losses "
+        "before and after this resume are measured on other rows"]
 
     # Written by an sftdist of an older data encoding (a marker of before the version was recorded holds none).
-    old = {k: v for k, v in fingerprint.items() if k != "version"} | {"digest": "0" * 24}
+    old = {k: v for k, v in fingerprint.items() if k != "version"}
     marker.write_text(json.dumps({**written, "data": old}))
     line = refused(["train", str(recipe)], copy)
     assert line == (f"error: {copy / 'checkpoint-2'}: written by an sftdist whose data encoding is version 3 (this one's "
                     f"is {ENCODING_VERSION}): its data position may point into other rows; finish the run with that "
                     "sftdist, or pass --no-resume to start over")
-    marker.write_text(json.dumps({**written, "data": fingerprint}))
 
-    with data.open("a") as f:
-        f.write(demo_rows.read_text().splitlines()[0] + "\n")
+
+@pytest.mark.parametrize("marker, problem", [
+    ("{not json", "sftdist_complete is not the JSON sftdist writes"),
+    ('["a list"]', "sftdist_complete holds no global_step"),
+    ("drop:data", "sftdist_complete lacks or garbles data"),
+    ("drop:world_size+", "sftdist_complete lacks or garbles global_batch"),
+])  # fmt: skip
+def test_a_damaged_marker_is_one_line_never_a_silent_pass(tmp_path, tmp_path_factory, tiny_model, demo_rows, marker,
+                                                          problem):
+    """A marker that is not sftdist's, or lacks what it records, used to switch off every check of the resume
+    (or fail with a KeyError): the checkpoint is not resumed, and with none older the refusal names the file."""
+    run = trained(tmp_path_factory, tiny_model, demo_rows, "full", "ddp")
+    copy = tmp_path / "copy"
+    recipe = stopped_at(run, run.parent / "recipe.yaml", copy, 2)
+    path = copy / "checkpoint-2" / COMPLETE_MARKER
+    written = json.loads(path.read_text())
+    if marker == "drop:data":
+        marker = json.dumps({k: v for k, v in written.items() if k != "data"})
+    elif marker == "drop:world_size+":
+        marker = json.dumps({**written, "global_batch": "4"})
+    path.write_text(marker)
     line = refused(["train", str(recipe)], copy)
-    assert line == (f"error: {copy / 'checkpoint-2'}: the training data changed since: {data} it was written, so its "
-                    "data position points into other rows; restore the data, or pass --no-resume to start over")
+    assert line == (f"error: {copy}: no checkpoint can be resumed ({copy / 'checkpoint-2'}: {problem}); pass "
+                    "--no-resume to start over")
 
 
 def test_universal_conversion_is_atomic_and_done_once(tmp_path, tmp_path_factory, tiny_model, demo_rows):

@@ -110,15 +110,40 @@ def _damage(entry: Path) -> str | None:
     return f"{bad} does not match its checksum" if bad else None
 
 
-def _source_identity(path: str) -> Any:
-    """A local file or directory by path, size and mtime of every file; anything else (a hub id) by name."""
+DIGESTS_DIR = "digests"  # under the cache root: {file identity on disk -> sha256 of its bytes}
+
+
+def content_digest(path: Path, root: Path) -> str:
+    """The sha256 of a file's bytes, hashed once and remembered under `root/digests` by where the bytes
+    sit on disk: (device, inode, size, mtime, ctime). Any write changes the ctime, which no tool sets back,
+    so an edit is hashed again even when its size and mtime are put back; a `touch`, a copy or a move is
+    hashed again too and gives the same digest. A cache root that cannot be written only loses the memo."""
+    st = path.stat()
+    where = json.dumps([str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns])
+    memo = root / DIGESTS_DIR / f"{hashlib.sha256(where.encode()).hexdigest()[:32]}.json"
+    try:
+        return json.loads(memo.read_text(encoding="utf-8"))["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    h = hashlib.sha256()
+    _hash_file(h, path)
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        rundir.write_text_atomic(memo, json.dumps({"sha256": h.hexdigest(), "file": where}))
+    except OSError:
+        pass
+    return h.hexdigest()
+
+
+def _source_identity(path: str, root: Path) -> Any:
+    """A local file or directory by its content (the size and sha256 of every file), so that a `touch`, a
+    re-staged copy, a symlink or a move is the same data; anything else (a hub id) by name."""
     p = Path(path).expanduser()
     if p.is_file():
-        st = p.stat()
-        return {"file": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        return {"size": p.stat().st_size, "sha256": content_digest(p, root)}
     if p.is_dir():
         files = sorted(f for f in p.rglob("*") if f.is_file())
-        return {"dir": str(p.resolve()), "files": [[str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
+        return {"files": [[str(f.relative_to(p)), f.stat().st_size, content_digest(f, root)] for f in files]}
     return {"hub": path}
 
 
@@ -147,9 +172,10 @@ def fingerprint_inputs(recipe: Recipe, load_tokenizer: Callable[[], Any]) -> dic
     from sftdist.model import PAD_TOKEN
 
     data = {k: v for k, v in recipe.to_dict()["data"].items() if k not in NOT_FINGERPRINTED}
+    root = cache_root(recipe)
     for role in ("train", "eval"):
         for src in data[role]:
-            src["identity"] = _source_identity(src["path"])
+            src["identity"] = _source_identity(src["path"], root)
     return {
         "version": ENCODING_VERSION,
         "data": data,
