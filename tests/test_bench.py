@@ -32,6 +32,7 @@ def _invocations(tmp: Path) -> dict[str, list[str]]:
         "sp_memory": ["bench/sp_memory.py", "--tokens", "64", "--sp", "2"],
         "sp_packing": ["bench/sp_packing.py", "--samples", "4", "--min-tokens", "32", "--max-length", "128"],
         "resume_cost": ["bench/resume_cost.py", "--hidden", "64", "--layers", "2", "--strategies", "zero2"],
+        "digest_cost": ["bench/digest_cost.py", "--mb", "4", "--work", str(tmp / "digest")],
     }
 
 
@@ -160,3 +161,15 @@ def test_resume_cost(runs: dict) -> None:
     text = output(runs, "resume_cost")
     ((_, save, convert, _),) = table_rows(text, "zero2")
     assert num(save) >= 0 and num(convert) > 0, text
+
+
+def test_digest_cost(runs: dict) -> None:
+    """The baseline read, a cold sha256, the memoised warm start and the rehash after a touch, in that order."""
+    text = output(runs, "digest_cost")
+    size = re.search(rf"^Data file: {NUMBER} MiB", text, re.M)
+    assert size and float(size.group(1)) == 4, text
+    rows = table_rows(text, "read without hashing \\(baseline\\)|cold start: sha256|warm start: memoised|"
+                            "after `touch`: sha256 again")
+    assert [r[0] for r in rows] == ["read without hashing (baseline)", "cold start: sha256", "warm start: memoised",
+                                    "after `touch`: sha256 again"], text
+    assert all(num(r[1]) >= 0 for r in rows) and num(rows[1][1]) > 0 and rows[0][3] == "1.00x", rows
