@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import click
 import yaml
 
-from sftdist import distributed, lock, preemption, prompt_style, rundir
+from sftdist import distributed, divergence, lock, preemption, prompt_style, rundir
 from sftdist.errors import UserError
 from sftdist.recipe import Recipe, run_identity
 from sftdist.rundir import (
@@ -283,7 +283,7 @@ def make_trainer_class(base: type, max_shard_size: str) -> type:
 
     class SignalCallback(TrainerCallback):
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
-            if _any_rank(stop.requested):
+            if distributed.any_rank(stop.requested):
                 control.should_save = True
                 control.should_training_stop = True
                 state.sftdist_preempted = True
@@ -353,9 +353,14 @@ def make_trainer_class(base: type, max_shard_size: str) -> type:
             if _fsdp_sharded(self) and self.args.should_save:
                 _write_model_description(self, Path(output_dir or self.args.output_dir))
 
+        def _maybe_log_save_evaluate(self, tr_loss: Any, grad_norm: Any, *a: Any, **kw: Any) -> None:
+            divergence.check_step(self, tr_loss, grad_norm)  # before this step's log and checkpoint
+            super()._maybe_log_save_evaluate(tr_loss, grad_norm, *a, **kw)
+
         def _save_checkpoint(self, model: Any, trial: Any) -> None:
             run_dir = Path(self.args.output_dir)
             ckpt = run_dir / f"checkpoint-{self.state.global_step}"
+            divergence.check_weights(self, str(ckpt))
             if self.args.should_save and ckpt.exists():  # a leftover of an earlier try: start it empty
                 shutil.rmtree(ckpt)
             self.accelerator.wait_for_everyone()
@@ -408,20 +413,6 @@ def _write_model_description(trainer: Any, output_dir: Path) -> None:
         trainer.processing_class.save_pretrained(output_dir)
 
 
-def _any_rank(flag: bool) -> bool:
-    """True on every rank if it is true on any (a signal may reach only some ranks)."""
-    import torch
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
 def _rotate(run_dir: Path, limit: int | None) -> None:
     """Keep the newest `limit` complete checkpoints; drop incomplete leftovers older than them."""
     complete = complete_checkpoints(run_dir)
@@ -441,6 +432,7 @@ def has_weights(directory: Path) -> bool:
 
 def save_final(trainer: Any, recipe: Recipe, final: Path) -> None:
     """Save the final model whole (every rank takes part), then make it visible in one rename."""
+    divergence.check_weights(trainer, str(final))
     main = trainer.is_world_process_zero()
     building = rundir.build_beside(final, replace=True, shared_by="ranks") if main else contextlib.nullcontext(
         rundir.partial_path(final, shared_by="ranks"))

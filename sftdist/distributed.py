@@ -87,6 +87,20 @@ def reported_once() -> Iterator[None]:
         raise
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank if it is true on any (a signal may reach only some ranks)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def shards_parameters() -> bool:
     """True under FSDP or ZeRO-3 (as `accelerate launch` asked), which flatten and shard parameters."""
     return launched_type() == "FSDP" or launched_zero_stage() == 3

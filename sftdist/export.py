@@ -75,7 +75,35 @@ def check_checkpoint(ckpt: Path) -> str:
         read_config(str(ckpt))
     for f in sorted(ckpt.glob("*.safetensors")):
         sio.tensor_specs(f)
+    if kind == "full":
+        weight_files(ckpt)
     return kind
+
+
+def weight_files(ckpt: Path) -> list[Path]:
+    """The weight files of a full-model checkpoint, as its index names them (or its one model.safetensors).
+    Any other model*.safetensors beside them (a stray copy of the base, an older save) is refused rather
+    than read: exported in place of the trained weights, it would go unnoticed."""
+    from sftdist import safetensors_io as sio
+
+    files = sio.model_shards(ckpt)
+    stray = sorted(p.name for p in ckpt.glob("model*.safetensors") if p not in files)
+    if stray:
+        named = f"named by {sio.INDEX_FILE}" if (ckpt / sio.INDEX_FILE).is_file() else f"{sio.SINGLE_FILE}"
+        raise UserError(f"{ckpt}: holds {stray[0]}, which is not one of its weight files ({named}); move it away, "
+                        "or export another checkpoint")
+    return files
+
+
+def check_finite(where: Path, state: dict[str, Any]) -> None:
+    """No NaN or infinity is exported: such weights come from a run that diverged."""
+    import torch
+
+    for name, tensor in state.items():
+        t = tensor.float() if tensor.is_floating_point() and tensor.element_size() == 1 else tensor  # fp8
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise UserError(f"{where}: weight {name} holds NaN or infinite values (the run diverged before this "
+                            "checkpoint was saved); export an earlier checkpoint")
 
 
 @contextlib.contextmanager
@@ -119,7 +147,7 @@ def consolidated_state_dict(ckpt: Path, kind: str) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     state = {}
-    for f in sorted(ckpt.glob("model*.safetensors")):
+    for f in weight_files(ckpt):
         state.update(load_file(str(f)))
     return state
 
@@ -130,9 +158,13 @@ def _write_adapter(ckpt: Path, kind: str, dst: Path) -> None:
     from safetensors.torch import save_file
 
     if kind == "adapter":
+        from safetensors.torch import load_file
+
+        check_finite(ckpt, load_file(str(ckpt / ADAPTER_WEIGHTS)))
         shutil.copy2(ckpt / ADAPTER_WEIGHTS, dst / ADAPTER_WEIGHTS)
     else:
         state = consolidated_state_dict(ckpt, kind)
+        check_finite(ckpt, state)
         save_file({k: v.contiguous() for k, v in state.items()}, str(dst / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     shutil.copy2(ckpt / ADAPTER_CONFIG, dst / ADAPTER_CONFIG)
     state_file = rundir.run_file(ckpt, TRAINER_STATE)
@@ -150,6 +182,7 @@ def _write_full_model(ckpt: Path, kind: str, tmp: Path, max_shard_size: str) -> 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     state = consolidated_state_dict(ckpt, kind)
+    check_finite(ckpt, state)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     still_missing = [k for k in missing if getattr(model.get_parameter(k), "is_meta", False)]

@@ -71,3 +71,25 @@ def shipped_config(name: str) -> Path | None:
     """The directory of the published config.json shipped for hub id `name`, if sftdist ships one."""
     path = SHIPPED_CONFIGS / name / "config.json"
     return path.parent if looks_like_hub_id(name) and path.is_file() else None
+
+
+# What a merge or an export reads of a base model: never pickles or other frameworks' weights.
+MODEL_FILES = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.tiktoken"]
+
+
+def model_dir(name: str) -> Path:
+    """A local directory holding model `name`: the path itself, or, for a hub id, its snapshot in the Hugging
+    Face cache, as `from_pretrained` (training, generate) resolves it: fetched when the hub can be reached,
+    from the cache alone when it cannot, and one line when it is not there."""
+    path = Path(name).expanduser()
+    if path.exists() or not looks_like_hub_id(name):
+        return path
+    unreachable()
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, allow_patterns=MODEL_FILES))
+    except Exception as e:  # not cached offline, gated, missing: huggingface_hub's errors have no common base
+        raise offline_error(name, "the model") or UserError(
+            f"{name}: not a local path, and the hub could not provide it ({str(e).strip().splitlines()[0]})"
+        ) from None

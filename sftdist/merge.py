@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from sftdist import rundir
+from sftdist import hub, rundir
 from sftdist import safetensors_io as sio
 from sftdist.errors import UserError
 from sftdist.recipe import QuantizationConfig
@@ -129,8 +129,8 @@ def merge_adapter(
     allow_pickle: bool = False,
 ) -> MergeResult:
     """Merge ADAPTER into BASE and write the result to OUT (nothing is left in OUT on any failure)."""
-    base_dir, adapter_dir, out_dir = Path(base).expanduser(), Path(adapter).expanduser(), Path(out).expanduser()
-    _check_paths(base_dir, adapter_dir, out_dir)
+    adapter_dir, out_dir = Path(adapter).expanduser(), Path(out).expanduser()
+    base_dir = _check_paths(base, adapter_dir, out_dir)
     max_bytes = parse_size(max_shard_size, "--max-shard-size") if max_shard_size else None
     recipe = _read_recipe(adapter_dir)
     quant = _quant_spec(recipe, quantized_base)
@@ -169,16 +169,20 @@ def merge_adapter(
     return MergeResult(out_dir, files, out_dtype, method, check)
 
 
-def _check_paths(base: Path, adapter: Path, out: Path) -> None:
-    if not (base / "config.json").is_file():
-        what = "does not exist" if not base.exists() else "has no config.json, so it is not a model directory"
-        raise UserError(f"--base {base}: {what}")
+def _check_paths(base: str, adapter: Path, out: Path) -> Path:
+    """The base model's directory, once the adapter and --out are known to be usable: a hub id resolves
+    through its cache, as training loaded it (hub.model_dir), and is fetched only after these checks."""
     if not (adapter / ADAPTER_CONFIG).is_file():
         if not adapter.exists():
             raise UserError(f"--adapter {adapter}: does not exist")
         hint = f"; did you mean {adapter / 'final'}?" if (adapter / "final" / ADAPTER_CONFIG).is_file() else ""
         raise UserError(f"--adapter {adapter}: has no {ADAPTER_CONFIG}, so it is not a peft adapter{hint}")
     rundir.check_new_dir(out, "--out")
+    base_dir = hub.model_dir(base)
+    if not (base_dir / "config.json").is_file():
+        what = "does not exist" if not base_dir.exists() else "has no config.json, so it is not a model directory"
+        raise UserError(f"--base {base_dir}: {what}")
+    return base_dir
 
 
 def _device(name: str) -> Any:

@@ -8,6 +8,7 @@ model is read from config.json and, for LoRA, built on the meta device: no weigh
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,8 @@ def _not_negative(x: float) -> bool:
 
 
 TRAIN_RANGES = {
-    "learning_rate": (_positive, "a positive number"),
+    # Above 1, AdamW moves every weight by more than its own scale each step: a typo (2e5 for 2e-5).
+    "learning_rate": (lambda x: 0 < x <= 1, "a positive number up to 1, such as 2e-5"),
     "per_device_train_batch_size": (_positive, "a positive integer"),
     "per_device_eval_batch_size": (_positive, "a positive integer"),
     "gradient_accumulation_steps": (_positive, "a positive integer"),
@@ -73,6 +75,9 @@ def check_values(recipe: Recipe) -> None:
     """Ranges that the libraries accept silently and fail on (or train wrongly with) later."""
     src = recipe.source or "recipe"
     train = typed_train(recipe)  # typed: YAML reads 2e-5 as a string
+    for key, value in train.items():  # .inf, .nan: accepted by every library, and trained on
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{src}: train.{key} is {value}; expected a finite number")
     for key, (valid, expected) in TRAIN_RANGES.items():
         value = train.get(key)
         if key == "num_train_epochs" and train.get("max_steps", -1) not in (-1, None):
@@ -157,4 +162,8 @@ def check_recipe(recipe: Recipe) -> None:
     check_sequence_parallel(recipe, config)
     resolve_attention(recipe)
     if recipe.method in ("lora", "qlora"):
+        hidden = getattr(config.get_text_config(), "hidden_size", None)
+        if isinstance(hidden, int) and recipe.lora.r > hidden:
+            raise UserError(f"{recipe.source}: lora.r is {recipe.lora.r}; expected at most the model's hidden size "
+                            f"{hidden} (a rank above a layer's width adds nothing), e.g. 16")
         with_lora(meta_model(recipe)[1], recipe)  # peft's own matching, on the meta device

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ METHODS = ("full", "lora", "qlora")
 # dpo_chosen / kto_good: preference or labelled rows, trained on the chosen response / the rows labelled true.
 FORMATS = ("auto", "text", "prompt_completion", "dolly", "alpaca", "messages", "sharegpt", "dpo_chosen", "kto_good")
 LOSS_ON = ("completion", "all")
+MAX_WEIGHT = 1000  # a source repeated more often than this is a typo, and would fill the memory
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 # Our defaults for trl's SFTConfig; any `train:` key in the recipe wins.
@@ -41,6 +43,9 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     # Every parameter of a causal LM (or of its adapter) gets a gradient: DDP's search for unused ones
     # costs a graph traversal per step and prints a warning on every run.
     "ddp_find_unused_parameters": False,
+    # The Trainer's default logs a NaN or infinite loss as the mean of the earlier ones (0 on the first
+    # step); a diverged run stops instead (divergence.py), and its loss is logged as it is.
+    "logging_nan_inf_filter": False,
 }
 # The library defaults (TrainingArguments / SFTConfig) of the `train:` keys that sftdist itself reads
 # before any SFTConfig exists (the planner, the data report, the data cache).
@@ -302,14 +307,17 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value
         raise UserError(f"{where}: got {value!r}, expected an integer")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads 2e-5 (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML reads 2e-5 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise UserError(f"{where}: got {value!r}, expected a number")
+        if number is not None and math.isfinite(number):
+            return number
+        raise UserError(f"{where}: got {value!r}, expected a {'finite ' if number is not None else ''}number")
     if tp is str:
         if isinstance(value, str):
             return value
@@ -391,8 +399,9 @@ def validate(recipe: Recipe) -> Recipe:
                 raise UserError(f"{src}: data.{kind}[{i}].path is required")
             if s.format not in FORMATS:
                 raise _choices_error(f"{src}: data.{kind}[{i}].format", s.format, FORMATS)
-            if s.weight <= 0:
-                raise UserError(f"{src}: data.{kind}[{i}].weight is {s.weight}; expected a positive number")
+            if not 0 < s.weight <= MAX_WEIGHT:
+                raise UserError(f"{src}: data.{kind}[{i}].weight is {s.weight}; expected a positive number up to "
+                                f"{MAX_WEIGHT} (the times each sample is repeated; 0.5 keeps half)")
             if s.limit is not None and s.limit < 1:
                 raise UserError(f"{src}: data.{kind}[{i}].limit is {s.limit}; expected a positive number of rows "
                                 "(null: every row)")

@@ -125,7 +125,8 @@ def run_training(recipe: Recipe, resume: bool = True, overwrite: bool = False) -
         print(f"sftdist: {json.dumps(state)}", flush=True)
 
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    with distributed.reported_once():  # a diverged run stops every rank alike (divergence.py): one line
+        result = trainer.train(resume_from_checkpoint=resume_from)
     if trainer.preempted:
         if trainer.is_world_process_zero():
             print(f"sftdist: stopped by a signal at step {trainer.state.global_step} after saving a "
@@ -136,7 +137,8 @@ def run_training(recipe: Recipe, resume: bool = True, overwrite: bool = False) -
         metrics.update(trainer.evaluate())
 
     final = Path(recipe.output_dir) / FINAL_DIR
-    checkpoint.save_final(trainer, recipe, final)
+    with distributed.reported_once():
+        checkpoint.save_final(trainer, recipe, final)
     if trainer.is_world_process_zero():
         trainer.save_state()
         info = {"distributed": state, "metrics": metrics, "final_dir": str(final)}

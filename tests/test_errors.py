@@ -388,6 +388,55 @@ def c26_zero_epochs(d, ctx):
         "recipe.yaml", "train.num_train_epochs is 0", "positive number (or set train.max_steps)")
 
 
+# --- non-finite and insane numbers (round 3): refused before anything is written ------------------------
+@case
+def r3_learning_rate_inf(d, ctx):
+    return train(d, ctx, train={"learning_rate": float("inf")}), (
+        "recipe.yaml", "train.learning_rate is inf", "expected a finite number")
+
+
+@case
+def r3_learning_rate_typo(d, ctx):  # 2e5 for 2e-5 (YAML reads it as a string; typed_train makes it a number)
+    return train(d, ctx, train={"learning_rate": "2e5"}), (
+        "recipe.yaml", "train.learning_rate is 200000.0", "a positive number up to 1, such as 2e-5")
+
+
+@case
+def r3_weight_decay_inf(d, ctx):
+    return train(d, ctx, train={"weight_decay": float("inf")}), ("train.weight_decay is inf", "expected a finite number")
+
+
+@case
+def r3_epochs_inf(d, ctx):
+    return train(d, ctx, train={"max_steps": -1, "num_train_epochs": float("inf")}), (
+        "train.num_train_epochs is inf", "expected a finite number")
+
+
+@case
+def r3_warmup_inf(d, ctx):
+    return train(d, ctx, train={"warmup_steps": float("inf")}), ("train.warmup_steps is inf", "expected a finite number")
+
+
+@case
+def r3_source_weight_nan(d, ctx):
+    src = jsonl(d / "data.jsonl", [GOOD, GOOD])
+    return ["train", recipe(d, ctx.tiny, [{"path": str(src), "weight": float("nan")}])], (
+        "recipe.yaml", "data.train[0].weight", "got nan", "expected a finite number")
+
+
+@case
+def r3_source_weight_huge(d, ctx):
+    src = jsonl(d / "data.jsonl", [GOOD, GOOD])
+    return ["train", recipe(d, ctx.tiny, [{"path": str(src), "weight": 1e15}])], (
+        "recipe.yaml", "data.train[0].weight is 1e+15", "a positive number up to 1000")
+
+
+@case
+def r3_lora_rank_huge(d, ctx):
+    return train(d, ctx, method="lora", lora={"r": 10**15}), (
+        "recipe.yaml", "lora.r is 1000000000000000", "at most the model's hidden size 128")
+
+
 @case
 def c26_save_total_limit_zero(d, ctx):
     return train(d, ctx, train={"save_total_limit": 0}), ("train.save_total_limit is 0", "null: keep every checkpoint")

@@ -143,3 +143,54 @@ def test_prompt_style_follows_the_layouts_the_data_pipeline_detected(tmp_path: P
     assert recorded(chat, held_out) == {"chat": True, "template": "alpaca"}
     assert recorded(chat, SourceReport("a.jsonl", "train", "alpaca", "alpaca")) == {"chat": False, "template": "alpaca"}
     assert prompt_style.read(tmp_path).chat is False
+
+
+def _sharded_copy(tiny_model: Path, dest: Path) -> Path:
+    """The tiny model saved in several shards with their index, its tokenizer beside (a full-model checkpoint's layout)."""
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tiny_model).save_pretrained(dest, max_shard_size="300KB")
+    for f in tiny_model.iterdir():
+        if f.is_file() and not f.name.startswith("model") and not (dest / f.name).exists():
+            shutil.copy2(f, dest / f.name)
+    return dest
+
+
+def test_export_reads_the_index_and_refuses_weights_it_does_not_name(tmp_path: Path, tiny_model: Path):
+    """A stray model.safetensors (here: another model's) beside a sharded checkpoint and its index used to be
+    exported in place of the trained weights; the index decides, and a file it does not name is refused."""
+    ckpt = _sharded_copy(tiny_model, tmp_path / "ckpt")
+    assert len(list(ckpt.glob("model-*.safetensors"))) > 1
+    out = tmp_path / "out"
+    proc = run_cli("export", str(ckpt), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    exported = {k: v for f in out.glob("*.safetensors") for k, v in load_file(f).items()}
+    trained = {k: v for f in ckpt.glob("model-*.safetensors") for k, v in load_file(f).items()}
+    assert exported.keys() == trained.keys() and all(bool((exported[k] == trained[k]).all()) for k in trained)
+
+    shutil.copy2(GPT2_TINY / "model.safetensors", ckpt / "model.safetensors")
+    proc = run_cli("export", str(ckpt), "--out", str(tmp_path / "out2"))
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and lines == [
+        f"error: {ckpt}: holds model.safetensors, which is not one of its weight files (named by "
+        "model.safetensors.index.json); move it away, or export another checkpoint"], proc.stderr
+    assert not (tmp_path / "out2").exists()
+
+
+def test_export_refuses_non_finite_weights(tmp_path: Path, tiny_model: Path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_model, ckpt)
+    weights = load_file(ckpt / "model.safetensors")
+    weights["model.layers.1.mlp.up_proj.weight"][0, 0] = float("inf")
+    save_file(weights, ckpt / "model.safetensors", metadata={"format": "pt"})
+    proc = run_cli("export", str(ckpt), "--out", str(tmp_path / "out"))
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and lines == [
+        f"error: {ckpt}: weight model.layers.1.mlp.up_proj.weight holds NaN or infinite values (the run diverged "
+        "before this checkpoint was saved); export an earlier checkpoint"], proc.stderr
+    assert not (tmp_path / "out").exists() and torch.isinf(weights["model.layers.1.mlp.up_proj.weight"]).any()

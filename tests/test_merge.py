@@ -363,3 +363,37 @@ def test_killed_merge_leaves_a_build_the_next_merge_removes(llama: Path, lora: P
     assert r.returncode == 0, r.stderr[-3000:]
     assert [p.name for p in tmp_path.iterdir()] == ["merged"]
     _assert_matches_peft_merge(out, llama, lora)
+
+
+def _hub_cache(root: Path, repo_id: str, model: Path) -> Path:
+    """A Hugging Face cache holding `model` as the snapshot of hub id `repo_id` (the layout huggingface_hub writes)."""
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(model, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return root
+
+
+def test_a_hub_id_base_resolves_through_the_cache_offline(llama: Path, lora: Path, tmp_path: Path):
+    """merge-adapter and export --merge of an adapter whose base is a hub id in the local cache (as training
+    and generate load it), offline; a hub id that is not cached is one line."""
+    env = {"HF_HUB_CACHE": str(_hub_cache(tmp_path / "hub", "sftdist-test/tiny-llama", llama)), "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "merged"
+    r = run_cli("merge-adapter", "--base", "sftdist-test/tiny-llama", "--adapter", str(lora), "--out", str(out), env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _assert_matches_peft_merge(out, llama, lora)
+
+    adapter = tmp_path / "adapter"  # what a LoRA run's checkpoint says of a hub-id base
+    shutil.copytree(lora, adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "sftdist-test/tiny-llama"}))
+    r = run_cli("export", str(adapter), "--merge", "--out", str(tmp_path / "exported"), env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _assert_matches_peft_merge(tmp_path / "exported", llama, lora)
+
+    r = run_cli("merge-adapter", "--base", "sftdist-test/not-cached", "--adapter", str(lora), "--out",
+                str(tmp_path / "none"), env=env)  # fmt: skip
+    _one_line_error(r, "sftdist-test/not-cached: not a local path, and the model is not in the Hugging Face cache",
+                    "HF_HUB_OFFLINE is set")
+    assert not (tmp_path / "none").exists()
