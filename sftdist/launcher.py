@@ -209,6 +209,8 @@ def build_launch(
         raise UserError("--num-machines > 1 needs --main-process-ip (the address of the machine with rank 0)")
     seqpar.check(loaded, kind, num_processes * num_machines, strategy)
     accumulation(loaded, num_processes * num_machines)  # global_batch_size must divide over these processes
+    if not {"--no-resume", "--overwrite"} & set(train_flags):
+        _check_resumable_here(loaded, num_processes * num_machines)
     argv = ["--config_file", str(acc_cfg), "--num_processes", str(num_processes * num_machines),
             "--num_machines", str(num_machines)]
     if num_machines > 1:
@@ -235,6 +237,16 @@ def build_launch(
     train_args = [a for o in overrides for a in ("--set", o)] + list(train_flags)
     argv += [*accelerate_args, "-m", "sftdist", *(command or ["train", recipe, *train_args])]
     return Launch(argv=argv, env=env, kind=kind, note=note)
+
+
+def _check_resumable_here(recipe: Recipe, world_size: int) -> None:
+    """What the newest checkpoint of output_dir allows at this number of processes, refused before any process
+    starts rather than in each of them (resume.check_world_size)."""
+    from sftdist import checkpoint, resume
+
+    ckpts = checkpoint.complete_checkpoints(Path(recipe.output_dir))
+    if ckpts and resume.marker_problem(ckpts[-1]) is None:
+        resume.check_world_size(ckpts[-1], resume.recorded(ckpts[-1]), world_size)
 
 
 def _forward_to_children(signum: int, frame: object) -> None:

@@ -159,6 +159,7 @@ def check(recipe: Recipe, ckpt: Path, old: dict[str, Any], new: dict[str, Any]) 
             f"resumes only under the strategy that wrote it, at any number of processes: use --strategy "
             f"{_suggested(old)}, or `sftdist export {ckpt}` and start a new run from the exported model"
         )
+    check_world_size(ckpt, old, new["world_size"])
     moved = old["world_size"] != new["world_size"]
     if old["global_batch"] != new["global_batch"]:
         src = recipe.source or "recipe"
@@ -181,6 +182,18 @@ def check(recipe: Recipe, ckpt: Path, old: dict[str, Any], new: dict[str, Any]) 
         f"{new['global_batch']} kept: accumulation {old['gradient_accumulation_steps']} -> "
         f"{new['gradient_accumulation_steps']})"
     )
+
+
+def check_world_size(ckpt: Path, old: dict[str, Any], world_size: int) -> None:
+    """Refuse resuming a sequence-parallel ZeRO checkpoint on another number of processes: DeepSpeed's
+    universal conversion (0.19.8) takes its sequence-parallel partitions for tensor-parallel ones and fails
+    ("tp_degree=2") after the processes started. `sftdist launch` calls this before starting any."""
+    sp, written = old.get("sequence_parallel", 1), old.get("world_size")
+    if sp > 1 and written != world_size and _family(old.get("distributed_type")) == "deepspeed":
+        raise UserError(
+            f"{ckpt}: written with sequence_parallel {sp} by {written} processes; DeepSpeed cannot convert a "
+            f"sequence-parallel ZeRO checkpoint to another number of processes: launch {written} processes to "
+            "resume it, or pass --no-resume to start over")
 
 
 def _zero_tag(ckpt: Path) -> str:

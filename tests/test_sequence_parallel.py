@@ -167,6 +167,15 @@ def test_resumed_run_continues_where_it_stopped(tmp_path, tmp_path_factory, tiny
     (run,) = trained(tmp_path_factory, tiny_model, long_rows, "zero2-packed")
     recipe = copy_run(run, run.parent / "recipe.yaml", tmp_path / "resumed")
     shutil.rmtree(tmp_path / "resumed" / "checkpoint-4")
+    # On 4 processes (SP 2 x DP 2), DeepSpeed's universal conversion would fail in every process: refused before
+    # any starts, in one line.
+    proc = run_cli("launch", str(recipe), "--strategy", "zero2", "--num-processes", "4")
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and lines == [
+        f"error: {tmp_path / 'resumed' / 'checkpoint-2'}: written with sequence_parallel 2 by 2 processes; DeepSpeed "
+        "cannot convert a sequence-parallel ZeRO checkpoint to another number of processes: launch 2 processes to "
+        "resume it, or pass --no-resume to start over"], proc.stderr
+    assert not (tmp_path / "resumed" / "checkpoint-2" / "global_step2_universal").exists()
     proc = run_cli("launch", str(recipe), "--strategy", "zero2", "--num-processes", "2")
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert f"sftdist: resuming from {tmp_path / 'resumed' / 'checkpoint-2'}" in proc.stdout
