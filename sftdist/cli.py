@@ -201,6 +201,39 @@ def generate(
     )
 
 
+@cli.group(invoke_without_command=True)
+@click.pass_context
+def recipes(ctx: click.Context) -> None:
+    """List the recipes shipped with sftdist; `sftdist recipes copy NAME DEST` copies one to edit."""
+    if ctx.invoked_subcommand is None:
+        from sftdist.shipped_recipes import shipped, summary
+
+        for name, path in shipped().items():
+            click.echo(f"{name:28} {summary(path)}")
+
+
+@recipes.command("copy")
+@click.argument("name")
+@click.argument("dest", type=click.Path())
+def recipes_copy(name: str, dest: str) -> None:
+    """Copy the shipped recipe NAME to DEST (a new file, or a directory for NAME.yaml)."""
+    from sftdist.shipped_recipes import copy
+
+    click.echo(f"wrote {copy(name, dest)}")
+
+
+@cli.command()
+@click.argument("recipe", required=False, type=click.Path(dir_okay=False))
+@click.option("--num-processes", type=COUNT, help="For the auto strategy: processes per machine [default: visible GPUs].")
+@click.option("--num-machines", type=COUNT, default=1, show_default=True, help="For the auto strategy: machines.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+def env(recipe: str | None, num_processes: int | None, num_machines: int, overrides: tuple[str, ...]) -> None:
+    """Print versions, CUDA, the GPUs and (given RECIPE) what `launch --strategy auto` would choose: for bug reports."""
+    from sftdist.envinfo import report
+
+    click.echo("\n".join(report(recipe, overrides, num_processes, num_machines)))
+
+
 @cli.command("make-tiny-model")
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--seed", default=0, show_default=True)
@@ -350,39 +383,6 @@ def selftest(
 
     main(Options(size=size, method=method, steps=steps, max_length=max_length, batch=batch, strategy=strategy,
                  num_processes=num_processes, baseline=baseline, out=out, peak_tflops=peak_tflops, work=work))
-
-
-@cli.group(invoke_without_command=True)
-@click.pass_context
-def recipes(ctx: click.Context) -> None:
-    """List the recipes shipped with sftdist; `sftdist recipes copy NAME DEST` copies one to edit."""
-    if ctx.invoked_subcommand is None:
-        from sftdist.shipped_recipes import shipped, summary
-
-        for name, path in shipped().items():
-            click.echo(f"{name:28} {summary(path)}")
-
-
-@recipes.command("copy")
-@click.argument("name")
-@click.argument("dest", type=click.Path())
-def recipes_copy(name: str, dest: str) -> None:
-    """Copy the shipped recipe NAME to DEST (a new file, or a directory for NAME.yaml)."""
-    from sftdist.shipped_recipes import copy
-
-    click.echo(f"wrote {copy(name, dest)}")
-
-
-@cli.command()
-@click.argument("recipe", required=False, type=click.Path(dir_okay=False))
-@click.option("--num-processes", type=COUNT, help="For the auto strategy: processes per machine [default: visible GPUs].")
-@click.option("--num-machines", type=COUNT, default=1, show_default=True, help="For the auto strategy: machines.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
-def env(recipe: str | None, num_processes: int | None, num_machines: int, overrides: tuple[str, ...]) -> None:
-    """Print versions, CUDA, the GPUs and (given RECIPE) what `launch --strategy auto` would choose: for bug reports."""
-    from sftdist.envinfo import report
-
-    click.echo("\n".join(report(recipe, overrides, num_processes, num_machines)))
 
 
 def main() -> None:
