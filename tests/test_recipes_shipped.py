@@ -25,6 +25,8 @@ from sftdist.shipped_recipes import RECIPES_DIR, shipped
 RECIPES = sorted(shipped())
 # Recipes of published models (whose config.json ships); the others name a local model (demo, test fixture).
 REAL = [n for n in RECIPES if shipped_config(yaml.safe_load((RECIPES_DIR / f"{n}.yaml").read_text())["model"]["name_or_path"])]
+CHAT = [n for n in REAL if {s.get("format", "auto") for s in yaml.safe_load((RECIPES_DIR / f"{n}.yaml").read_text())["data"]["train"]}
+        & {"messages", "sharegpt", "auto"}]
 CONVERSATION = [
     {"role": "user", "content": "Name a prime."},
     {"role": "assistant", "content": "Seven."},
@@ -45,6 +47,7 @@ def header_command(name: str, command: str) -> list[str]:
 def test_top_level_recipes_is_the_package_folder() -> None:
     """One copy of each recipe: the clone's recipes/ (the README's paths) is the packaged folder."""
     assert (REPO / "recipes").resolve() == RECIPES_DIR.resolve()
+    assert len(CHAT) == 4 and "llama3-8b-qlora" in REAL and "llama3-8b-qlora" not in CHAT
     assert {"demo", "qwen3-8b-chat-qlora-8gpu", "llama3.1-8b-instruct-lora", "mistral-7b-chat-full-zero3",
             "qwen3-0.6b-chat-1gpu"} <= set(RECIPES)
 
@@ -105,7 +108,7 @@ def test_real_model_recipe_sets_global_batch_and_a_template_its_tokenizer_has(na
     recipe = load_recipe(RECIPES_DIR / f"{name}.yaml")
     assert recipe.global_batch_size is not None and "gradient_accumulation_steps" not in recipe.train
     assert recipe.train_setting("activation_checkpointing") is True
-    if all(s.format not in ("messages", "sharegpt", "auto") for s in recipe.data.train):
+    if name not in CHAT:
         return  # instruction rows: a prompt template, no chat template involved
     facts = json.loads((SHIPPED_CONFIGS / recipe.model.name_or_path / "tokenizer_config.json").read_text())
     setting = recipe.data.chat_template
@@ -167,3 +170,30 @@ def test_wheel_ships_recipes_and_published_facts(tmp_path: Path) -> None:
     for path in SHIPPED_CONFIGS.rglob("*.json"):
         assert f"sftdist/{path.relative_to(REPO / 'sftdist').as_posix()}" in names
     assert any(n.endswith(".dist-info/licenses/LICENSE") or n.endswith("LICENSE") for n in names)
+
+
+@pytest.mark.parametrize("name", CHAT)
+def test_chat_recipe_trains_the_assistant_turns_with_its_tokenizer_facts(name: str, tiny_model: Path) -> None:
+    """sftdist's own chat encoding, on a tokenizer given the published facts (special tokens, BOS/EOS, chat
+    template) and the recipe's `data.chat_template`: the loss covers each assistant answer and the EOS after
+    it, and nothing the user wrote."""
+    from transformers import AutoTokenizer
+
+    from sftdist.data.chat import encode_chat, set_chat_template
+    from sftdist.data.formats import Example
+    from sftdist.recipe import load_recipe
+
+    recipe = load_recipe(RECIPES_DIR / f"{name}.yaml")
+    facts = json.loads((SHIPPED_CONFIGS / recipe.model.name_or_path / "tokenizer_config.json").read_text())
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    tokens = {v for k, v in facts.items() if k.endswith("_token") and v}
+    tokens |= set(re.findall(r"<\|[a-z_]+\|>", facts.get("chat_template") or ""))
+    tok.add_special_tokens({"additional_special_tokens": sorted(tokens)})
+    tok.eos_token, tok.bos_token = facts["eos_token"], facts.get("bos_token")
+    tok.chat_template = facts.get("chat_template")
+    set_chat_template(tok, recipe.data.chat_template, name)
+    ids, mask = encode_chat(tok, Example(kind="chat", messages=CONVERSATION, loss=[False, True, False, True]),
+                            {tok.eos_token_id}, name)
+    trained = tok.decode([i for i, m in zip(ids, mask) if m])
+    eos = re.escape(facts["eos_token"])
+    assert re.fullmatch(rf"(?:\s|<think>\s*</think>)*Seven\.{eos}(?:\s|<think>\s*</think>)*Two\.{eos}\s*", trained), trained
