@@ -1,16 +1,21 @@
 # The README's two commands: `make demo` and `make test`. Both create the virtual environment first.
 VENV ?= .venv
-# A CPU build on CPU-only machines; on a GPU machine set TORCH_SPEC to the CUDA build you want.
+# torch is installed first, in its own pip call. TORCH_SPEC picks the version; TORCH_INDEX, when set, is the
+# package index that torch comes from, for a CUDA build (docs/install.md), e.g.
+#   make test TORCH_INDEX=https://download.pytorch.org/whl/cu130
+# Unset, pip's own configuration decides (PyPI's torch is a CUDA build on Linux x86_64; a CPU machine can
+# point TORCH_INDEX at https://download.pytorch.org/whl/cpu to skip the CUDA libraries).
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
 BIN = $(VENV)/bin
 
 $(BIN)/sftdist: pyproject.toml
 	python3 -m venv $(VENV)
-	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)")
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
-# The GPU kit (README "On a GPU machine"): wheels for Python 3.12 on x86_64 Linux that a CUDA image lacks,
+# The GPU kit (docs/selftest.md, "The GPU kit"): wheels for Python 3.12 on x86_64 Linux that a CUDA image lacks,
 # install.sh and gpu-check.sh, at most 40 MiB. Downloads, so it is not part of `make test`.
 GPU_KIT ?= build/gpu-kit
 # bitsandbytes ships a library per CUDA version; keep the one of the target's torch (CUDA 13.0: 130).

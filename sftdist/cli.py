@@ -28,10 +28,14 @@ def shard_size(ctx: click.Context, param: click.Parameter, value: str | None) ->
     return value
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, invoke_without_command=True)
 @click.version_option(package_name="sftdist")
-def cli() -> None:
+@click.pass_context
+def cli(ctx: click.Context) -> None:
     """Supervised fine-tuning of causal language models (full, LoRA, QLoRA) from a YAML recipe."""
+    if ctx.invoked_subcommand is None:  # a bare `sftdist`: its usage, not an error (as git and accelerate do)
+        click.echo(ctx.get_help())
+        return
     from sftdist.quiet import silence_libraries
 
     silence_libraries()  # before any command imports them; SFTDIST_VERBOSE=1 shows their output
@@ -63,7 +67,7 @@ def train(recipe: str, overrides: tuple[str, ...], no_resume: bool, overwrite: b
     "fits), or the path of your own accelerate config.",
 )
 @click.option("--num-processes", type=COUNT, help="Processes per machine [default: visible GPUs; required on CPU].")
-@click.option("--num-machines", type=COUNT, default=1, show_default=True)
+@click.option("--num-machines", type=COUNT, default=1, show_default=True, help="Machines in the run (each runs this command).")
 @click.option("--machine-rank", type=click.IntRange(min=0), default=0, show_default=True, help="This machine's rank (0 hosts the group).")
 @click.option("--main-process-ip", help="Address of the rank-0 machine (needed with --num-machines > 1).")
 @click.option("--main-process-port", type=PORT, help="Port on the rank-0 machine [default: 29500].")
@@ -126,7 +130,8 @@ def launch(
 @cli.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
-@click.option("--check", is_flag=True, help="Run every data check without loading the model; print nothing else.")
+@click.option("--check", is_flag=True, help="Run every data and settings check without loading model weights (builds the "
+              "data cache entry when missing); print nothing else.")
 @click.option("--show", type=click.IntRange(min=1), metavar="N", help="Print N rendered samples per source, loss tokens marked.")
 def data(recipe: str, overrides: tuple[str, ...], check: bool, show: int | None) -> None:
     """Report formats, kept/dropped rows, token lengths and packing efficiency for RECIPE's data."""
@@ -196,6 +201,39 @@ def generate(
     )
 
 
+@cli.group(invoke_without_command=True)
+@click.pass_context
+def recipes(ctx: click.Context) -> None:
+    """List the recipes shipped with sftdist; `sftdist recipes copy NAME DEST` copies one to edit."""
+    if ctx.invoked_subcommand is None:
+        from sftdist.shipped_recipes import shipped, summary
+
+        for name, path in shipped().items():
+            click.echo(f"{name:28} {summary(path)}")
+
+
+@recipes.command("copy")
+@click.argument("name")
+@click.argument("dest", type=click.Path())
+def recipes_copy(name: str, dest: str) -> None:
+    """Copy the shipped recipe NAME to DEST (a new file, or a directory for NAME.yaml)."""
+    from sftdist.shipped_recipes import copy
+
+    click.echo(f"wrote {copy(name, dest)}")
+
+
+@cli.command()
+@click.argument("recipe", required=False, type=click.Path(dir_okay=False))
+@click.option("--num-processes", type=COUNT, help="For the auto strategy: processes per machine [default: visible GPUs].")
+@click.option("--num-machines", type=COUNT, default=1, show_default=True, help="For the auto strategy: machines.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+def env(recipe: str | None, num_processes: int | None, num_machines: int, overrides: tuple[str, ...]) -> None:
+    """Print versions, CUDA, the GPUs and (given RECIPE) what `launch --strategy auto` would choose: for bug reports."""
+    from sftdist.envinfo import report
+
+    click.echo("\n".join(report(recipe, overrides, num_processes, num_machines)))
+
+
 @cli.command("make-tiny-model")
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--seed", default=0, show_default=True)
@@ -258,20 +296,26 @@ def merge_adapter_cmd(
 
 @cli.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
-@click.option("--gpus", type=click.IntRange(min=1), required=True, help="GPUs per node.")
+@click.option("--num-processes", "gpus", type=COUNT, help="GPUs (processes) per machine, as for `launch`.  [required]")
 @click.option("--gpu-memory", required=True, help="Memory of one GPU, e.g. 80GiB, 24GB, 81920MiB.")
-@click.option(
-    "--nodes", type=click.IntRange(min=1), default=1, show_default=True, help="Machines (GPUs in all: gpus x nodes)."
-)
+@click.option("--num-machines", "nodes", type=COUNT, help="Machines (GPUs in all: processes x machines).  [default: 1]")
+@click.option("--gpus", "old_gpus", type=COUNT, hidden=True)  # the names before `launch`'s were shared
+@click.option("--nodes", "old_nodes", type=COUNT, hidden=True)
 @click.option("--cpu-memory", help="CPU RAM per node, e.g. 1TiB; zero3-offload is only recommended when given.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 def plan(
-    recipe: str, gpus: int, gpu_memory: str, nodes: int, cpu_memory: str | None, overrides: tuple[str, ...]
+    recipe: str, gpus: int | None, gpu_memory: str, nodes: int | None, old_gpus: int | None, old_nodes: int | None,
+    cpu_memory: str | None, overrides: tuple[str, ...],
 ) -> None:
     """Estimate memory per GPU for every strategy and recommend the fastest that fits (reads config.json only)."""
     from sftdist.plan import format_plan, make_plan, no_fit_error
     from sftdist.recipe import load_recipe
     from sftdist.units import parse_size
+
+    gpus = gpus or old_gpus
+    nodes = nodes or old_nodes or 1
+    if gpus is None:
+        raise UserError("sftdist plan: missing --num-processes N (GPUs per machine)")
 
     gpu_bytes = parse_size(gpu_memory, "--gpu-memory")
     cpu_bytes = parse_size(cpu_memory, "--cpu-memory") if cpu_memory else None

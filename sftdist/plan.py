@@ -493,7 +493,7 @@ def make_plan(
     `counts` skips rebuilding the meta model when only the workload changed.
     """
     if gpus < 1 or nodes < 1:
-        raise UserError(f"--gpus {gpus} --nodes {nodes}: expected at least one GPU on at least one node")
+        raise UserError(f"--num-processes {gpus} --num-machines {nodes}: expected at least one GPU on at least one machine")
     counts = counts or count_model(recipe)
     work = workload(recipe)
     world = gpus * nodes
@@ -568,7 +568,7 @@ def format_plan(plan: Plan) -> str:
         *([f"config.json: the published copy shipped with sftdist ({k.config_source}); neither the hub nor its "
            "cache gave one here"] if shipped else []),
         f"micro-batch: {w.batch} x {w.seq} tokens per GPU{sp}; {prec}; activations {w.act_bytes} bytes/value; "
-        f"gradient checkpointing {'on' if w.checkpointing else 'off'} (train.gradient_checkpointing)",
+        f"gradient checkpointing {'on' if w.checkpointing else 'off'} (train.activation_checkpointing)",
         f"cluster: {plan.nodes} node(s) x {plan.gpus} GPU(s) x {gib(plan.gpu_memory)} GiB; reserve per GPU: "
         f"{gib(CUDA_RESERVE)} GiB for the CUDA context + {FRAGMENTATION_DEFAULT:.0%} of the total "
         f"({FRAGMENTATION['zero3']:.0%} for fsdp2/zero3) for fragmentation; figures in {unit} per GPU",
@@ -648,20 +648,20 @@ def _with_checkpointing(plan: Plan, on: bool) -> Plan:
 
 
 def _checkpointing_hints(plan: Plan, best: Estimate) -> list[str]:
-    """Say when flipping train.gradient_checkpointing buys speed (off) or a faster strategy (on)."""
+    """Say when flipping train.activation_checkpointing buys speed (off) or a faster strategy (on)."""
     other = _with_checkpointing(plan, not plan.work.checkpointing).recommended
     if other is None:
         return []
     if plan.work.checkpointing and other.strategy == best.strategy:
         return [
             f"hint: {best.strategy} also fits without gradient checkpointing (margin "
-            f"{gib(plan.margin(other))} GiB): set train.gradient_checkpointing=false for ~25% more speed"
+            f"{gib(plan.margin(other))} GiB): set train.activation_checkpointing=false for ~25% more speed"
         ]
     # Recomputation costs ~25%; only worth it to avoid gathering parameters in every pass (fsdp2/zero3/offload).
     order = list(STRATEGIES)
     if not plan.work.checkpointing and order.index(other.strategy) <= order.index("zero2") < order.index(best.strategy):
         return [
-            f"hint: with train.gradient_checkpointing=true, {other.strategy} fits (margin "
+            f"hint: with train.activation_checkpointing=true, {other.strategy} fits (margin "
             f"{gib(plan.margin(other))} GiB) and no longer gathers parameters in every pass"
         ]
     return []
@@ -697,7 +697,7 @@ def no_fit_error(plan: Plan) -> UserError:
     ckpt = with_train(r, activation_checkpointing=True)
     changes = []
     if not plan.work.checkpointing:
-        changes.append(("train.gradient_checkpointing=true", ckpt))
+        changes.append(("train.activation_checkpointing=true", ckpt))
     if plan.work.batch > 1:
         changes.append(("train.per_device_train_batch_size=1 with checkpointing",
                         with_train(ckpt, per_device_train_batch_size=1)))

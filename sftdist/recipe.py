@@ -59,10 +59,14 @@ LIBRARY_DEFAULTS: dict[str, Any] = {
 class ModelConfig:
     """Which model to load and how."""
 
+    # A local model directory or a hub id (org/name). Required.
     name_or_path: str = ""
+    # auto | bfloat16 | float16 | float32; auto: fp32 weights with bf16 autocast for full SFT on GPUs, bf16 for a
+    # frozen LoRA base on GPUs, fp32 on CPU.
     dtype: str = "auto"
     # "auto": flash_attention_2 when installed on CUDA, else sdpa (both isolate packed samples).
     attn_implementation: str = "auto"
+    # Run the model repository's own Python code; off unless you trust it.
     trust_remote_code: bool = False
 
 
@@ -70,6 +74,7 @@ class ModelConfig:
 class LoraConfig:
     """peft LoRA settings, used by `method: lora` and `method: qlora`."""
 
+    # Rank, scaling numerator (scale = alpha / r) and dropout of the adapters.
     r: int = 16
     alpha: int = 32
     dropout: float = 0.05
@@ -83,6 +88,7 @@ class LoraConfig:
 class QuantizationConfig:
     """bitsandbytes 4-bit settings for `method: qlora`."""
 
+    # nf4 | fp4; double_quant also quantizes the quantization constants (~0.4 bits/param less).
     quant_type: str = "nf4"
     double_quant: bool = True
     # "auto": bfloat16 where the hardware has it, float32 on CPU.
@@ -96,10 +102,16 @@ class QuantizationConfig:
 class SourceConfig:
     """One data source."""
 
+    # .jsonl .json .parquet .csv .arrow, a save_to_disk directory, or a hub id. Required.
     path: str = ""
+    # auto (detected from the columns) | text | prompt_completion | dolly | alpaca | messages | sharegpt |
+    # dpo_chosen | kto_good (docs/data.md).
     format: str = "auto"
+    # 0.5 keeps a random half of this source, 2.0 repeats it twice (after the eval split).
     weight: float = 1.0
+    # The split of a hub id or DatasetDict directory.
     split: str = "train"
+    # The first N rows only; null: every row.
     limit: int | None = None
 
 
@@ -107,11 +119,16 @@ class SourceConfig:
 class DataConfig:
     """Training/eval data, rendering and packing."""
 
+    # One or more sources, mixed by weight.
     train: list[SourceConfig] = field(default_factory=list)
+    # Evaluation sources, same shape as train; or hold out eval_fraction of the training samples instead.
     eval: list[SourceConfig] = field(default_factory=list)
     eval_fraction: float = 0.0
+    # Tokens per sample, and per packed row.
     max_length: int = 1024
+    # Best-fit-decreasing packing without padding; samples never attend to each other.
     packing: bool = True
+    # completion (responses, assistant turns, + EOS) | all (every token).
     loss_on: str = "completion"
     # Prompt template for instruction formats (dolly, alpaca); see data/templates.py.
     template: str = "default"
@@ -121,7 +138,9 @@ class DataConfig:
     chat_template: str | None = "auto"
     # Over-long samples are dropped (and counted) unless truncate is true.
     truncate: bool = False
+    # Processes that encode the data when the cache entry is built; null: this process alone.
     num_proc: int | None = None
+    # Seed of the eval split, of the weights' draws and of the shuffle before packing (train.shuffle_dataset).
     seed: int = 42
     # Where prepared data is cached (data/cache.py); default $SFTDIST_CACHE, else ~/.cache/sftdist/data.
     cache_dir: str | None = None
@@ -132,12 +151,14 @@ class Recipe:
     """A whole training run."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    # full | lora | qlora (LoRA on a 4-bit base).
     method: str = "full"
     lora: LoraConfig = field(default_factory=LoraConfig)
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     data: DataConfig = field(default_factory=DataConfig)
     # Passed through to trl's SFTConfig; keys are checked against it by `typed_train`.
     train: dict[str, Any] = field(default_factory=dict)
+    # The run's directory: checkpoints, final/, logs; one run per output_dir.
     output_dir: str = "runs/sft"
     # Largest safetensors file in checkpoints and the final model (e.g. "5GB", "500MB").
     max_shard_size: str = "5GB"
