@@ -127,6 +127,13 @@ def test_each_fingerprint_input_changed_alone_makes_a_new_entry(tmp_path, tiny_m
     assert fp(base) not in seen
 
 
+def entries(cache: Path) -> list[Path]:
+    """The cache's entries: its directories but the digests of the data files (cache.DIGESTS_DIR)."""
+    from sftdist.data.cache import DIGESTS_DIR
+
+    return [p for p in cache.iterdir() if p.is_dir() and p.name != DIGESTS_DIR]
+
+
 def test_prepare_cli_builds_then_hits_and_force_rebuilds(tmp_path, tiny_model, demo_rows):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(_recipe(tiny_model, demo_rows, tmp_path / "cache")))
@@ -139,7 +146,7 @@ def test_prepare_cli_builds_then_hits_and_force_rebuilds(tmp_path, tiny_model, d
     assert report == [line for line in first.stdout.splitlines() if not line.startswith("sftdist:")]
     forced = run_cli("prepare", str(recipe), "--force")
     assert "data cache built" in forced.stdout
-    assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 1
+    assert len(entries(tmp_path / "cache")) == 1
 
 
 def test_a_build_killed_midway_is_never_used_and_the_next_run_rebuilds(tmp_path, tiny_model):
@@ -247,7 +254,7 @@ def test_a_two_process_launch_builds_once_and_the_entry_does_not_depend_on_the_p
     assert log.count("building the data cache") == 1 and log.count("rank 0 data cache built") == 1, log
     assert "rank 1 data cache waited" in log or "rank 1 data cache hit" in log, log
     cache = run.parent / "cache"
-    (entry,) = [p for p in cache.iterdir() if p.is_dir()]
+    (entry,) = entries(cache)
     # One process, same recipe, same cache: the entry the 2-process launch built is the one it uses.
     proc = run_cli("prepare", str(run.parent / "recipe.yaml"), env={"SFTDIST_CACHE": str(cache)})
     assert proc.returncode == 0, proc.stderr
@@ -266,7 +273,7 @@ def test_other_local_ranks_wait_for_the_files_then_read_the_entry(tmp_path, tiny
     assert "data cache built" in built.stdout
     out, _ = waiter.communicate(timeout=120)
     assert waiter.returncode == 0
-    (entry,) = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+    (entry,) = entries(tmp_path / "cache")
     assert f"rank 1 data cache waited: {entry}" in out and "building" not in out
 
 

@@ -111,28 +111,40 @@ def _damage(entry: Path) -> str | None:
 
 
 DIGESTS_DIR = "digests"  # under the cache root: {file identity on disk -> sha256 of its bytes}
+# Digests hashed by this process, written under DIGESTS_DIR once its entry exists (`_remember_digests`),
+# so that a command that fails writes nothing in the cache.
+_hashed: dict[Path, str] = {}
 
 
 def content_digest(path: Path, root: Path) -> str:
     """The sha256 of a file's bytes, hashed once and remembered under `root/digests` by where the bytes
     sit on disk: (device, inode, size, mtime, ctime). Any write changes the ctime, which no tool sets back,
     so an edit is hashed again even when its size and mtime are put back; a `touch`, a copy or a move is
-    hashed again too and gives the same digest. A cache root that cannot be written only loses the memo."""
+    hashed again too and gives the same digest."""
     st = path.stat()
     where = json.dumps([str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns])
     memo = root / DIGESTS_DIR / f"{hashlib.sha256(where.encode()).hexdigest()[:32]}.json"
+    if memo in _hashed:
+        return _hashed[memo]
     try:
         return json.loads(memo.read_text(encoding="utf-8"))["sha256"]
     except (OSError, ValueError, KeyError, TypeError):
         pass
     h = hashlib.sha256()
     _hash_file(h, path)
-    try:
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        rundir.write_text_atomic(memo, json.dumps({"sha256": h.hexdigest(), "file": where}))
-    except OSError:
-        pass
+    _hashed[memo] = h.hexdigest()
     return h.hexdigest()
+
+
+def _remember_digests() -> None:
+    """Write the digests this process hashed; a cache that cannot take them only loses the memo."""
+    for memo, sha in list(_hashed.items()):
+        try:
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            rundir.write_text_atomic(memo, json.dumps({"sha256": sha}))
+        except OSError:
+            pass
+        del _hashed[memo]
 
 
 def _source_identity(path: str, root: Path) -> Any:
@@ -242,6 +254,7 @@ def ensure_entry(
     fp = digest(inputs)
     entry = root / fp
     if not force and verify(entry):
+        _remember_digests()
         return Entry(entry, "hit")
     if int(os.environ.get("LOCAL_RANK", "0")) != 0:
         return Entry(_wait_for(entry), "waited")
@@ -251,6 +264,7 @@ def ensure_entry(
         with lock.exclusive(root / f"{fp}.lock"):
             why = _damage(entry) if not force else None
             if why is None and not force:
+                _remember_digests()
                 return Entry(entry, "hit")  # another node built it while we waited for the lock
             if entry.exists() and not force:
                 click.echo(f"warning: data cache entry {entry} is incomplete or corrupt ({why}); rebuilding it", err=True)
@@ -267,6 +281,7 @@ def ensure_entry(
                 raise
     except OSError as e:
         raise _user_error_if_unwritable(e, root) from None
+    _remember_digests()
     return Entry(entry, "built")
 
 
