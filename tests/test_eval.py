@@ -1,0 +1,165 @@
+"""`sftdist eval` and the recipe's `eval_tasks`, offline on local lm-eval tasks.
+
+One short full run on eight demo rows (tests/fixtures/eval_tasks/rows.jsonl, the task `memo_gen`) is shared:
+it evaluates its tasks at each save during training, then `sftdist eval` puts it, its checkpoints and its
+base in one table, on the fixture task, the shipped demo tasks and the same rows as a prompts file, and
+`sftdist generate --compare` must report the same exact match for those prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import FIXTURES, run_cli
+
+TASKS = FIXTURES / "eval_tasks"
+ROWS = TASKS / "rows.jsonl"
+
+
+def write_recipe(tmp_path: Path, model: Path, name: str, **extra) -> Path:
+    recipe = {
+        "model": {"name_or_path": str(model)},
+        "method": extra.pop("method", "full"),
+        "data": {"train": [{"path": str(ROWS), "format": "dolly"}], "max_length": 64},
+        "train": {
+            "max_steps": 80,
+            "per_device_train_batch_size": 2,
+            "learning_rate": 2e-3,
+            "lr_scheduler_type": "constant",
+            "logging_steps": 10,
+            "save_steps": 40,
+            "report_to": [],
+            **extra.pop("train", {}),
+        },
+        "output_dir": str(tmp_path / name),
+        **extra,
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Path:
+    """A full run that learns the eight rows, evaluating `memo_gen` at each of its two saves."""
+    tmp = tmp_path_factory.mktemp("eval")
+    recipe = write_recipe(tmp, tiny_model, "run", eval_tasks={"tasks": ["memo_gen"], "include_path": str(TASKS)})
+    proc = run_cli("train", str(recipe))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp / "run"
+
+
+def table_row(stdout: str, task: str, metric: str) -> list[str]:
+    for line in stdout.splitlines():
+        cells = re.split(r"\s{2,}", line.strip())
+        if cells[:2] == [task, metric]:
+            return cells[2:]
+    raise AssertionError(f"no row {task} {metric} in:\n{stdout}")
+
+
+def test_eval_puts_run_checkpoints_and_base_in_one_table(trained: Path, tiny_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    proc = run_cli("eval", str(trained), "--compare", str(tiny_model), "--checkpoints", "--include-path", str(TASKS),
+                   "--tasks", "memo_gen,sftdist_demo_mc", "--limit", "8", "--prompts-file", str(ROWS),
+                   "--max-new-tokens", "16", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert list(report["models"]) == ["base", "checkpoint-40", "checkpoint-80", "final"]
+    assert report["prompt_style"].startswith("prompts rendered through the prompt template 'default'")
+    res = report["results"]
+    gen = {col: res[col]["memo_gen"]["exact_match"] for col in report["models"]}
+    assert gen["base"]["value"] == 0.0
+    assert gen["final"]["value"] >= 0.75, gen  # far above the base
+    assert gen["final"]["stderr"] is not None
+    # The lm-eval task and the prompts file ask the same questions, rendered alike: the same answers.
+    for col in report["models"]:
+        assert res[col]["rows.jsonl"]["exact_match"]["value"] == gen[col]["value"]
+    mc = res["final"]["sftdist_demo_mc"]["acc"]
+    assert 0.0 <= mc["value"] <= 1.0 and mc["stderr"] is not None
+    # The printed table has the same figures, one column per model.
+    assert table_row(proc.stdout, "memo_gen", "exact_match")[-1].startswith(f"{gen['final']['value']:.4f} ± ")
+
+    # `generate --compare` reports the same exact match on the same prompts (sftdist.metrics, one code).
+    proc = run_cli("generate", str(trained / "final"), "--compare", str(tiny_model), "--prompts-file", str(ROWS),
+                   "--greedy", "--max-new-tokens", "16")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"exact-match accuracy (fine-tuned): {gen['final']['value']:.1%} of 8" in proc.stdout
+    assert "exact-match accuracy (base): 0.0% of 8" in proc.stdout
+
+
+def test_eval_during_training_logs_beside_eval_loss_and_matches_sftdist_eval(trained: Path) -> None:
+    info = json.loads((trained / "sftdist_run.json").read_text())
+    rows = info["eval_tasks"]
+    assert [r["step"] for r in rows] == [40, 80]
+    assert all(0.0 <= r["eval_memo_gen_exact_match"] <= 1.0 and "eval_memo_gen_exact_match_stderr" in r for r in rows)
+    state = json.loads((trained / "trainer_state.json").read_text())
+    logged = [e for e in state["log_history"] if "eval_memo_gen_exact_match" in e]
+    assert [e["step"] for e in logged] == [40, 80]
+    # The weights in memory at step 80 are checkpoint-80's: `sftdist eval` of it gives the same figure.
+    proc = run_cli("eval", str(trained / "checkpoint-80"), "--include-path", str(TASKS), "--tasks", "memo_gen")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert table_row(proc.stdout, "memo_gen", "exact_match")[0].startswith(f"{rows[-1]['eval_memo_gen_exact_match']:.4f}")
+
+
+def test_lora_run_is_evaluated_through_its_adapter(tmp_path: Path, tiny_model: Path) -> None:
+    recipe = write_recipe(tmp_path, tiny_model, "lora", method="lora", lora={"r": 16, "alpha": 32, "dropout": 0.0},
+                          train={"learning_rate": 1e-2})
+    proc = run_cli("train", str(recipe))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    final = tmp_path / "lora" / "final"
+    assert (final / "adapter_config.json").is_file() and not (final / "config.json").exists()
+    out = tmp_path / "report.json"
+    proc = run_cli("eval", str(tmp_path / "lora"), "--compare", str(tiny_model), "--include-path", str(TASKS),
+                   "--tasks", "memo_gen", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())["results"]
+    assert res["base"]["memo_gen"]["exact_match"]["value"] == 0.0
+    assert res["final"]["memo_gen"]["exact_match"]["value"] >= 0.5  # the adapter's answers, not the base's
+
+
+@pytest.mark.parametrize(
+    "case, args, message",
+    [
+        ("bad task", ["--tasks", "no_such_task"], "unknown lm-eval task 'no_such_task'"),
+        ("bad path", ["--tasks", "sftdist_demo_gen"], "no such model or run directory"),
+        ("not a run", ["--tasks", "sftdist_demo_gen"], "is neither a model directory"),
+        ("nothing", [], "nothing to evaluate"),
+    ],
+)
+def test_user_mistakes_are_one_line_with_exit_2(tmp_path: Path, tiny_model: Path, case: str, args: list[str],
+                                                message: str) -> None:
+    target = {"bad path": tmp_path / "absent", "not a run": tmp_path}.get(case, tiny_model)
+    proc = run_cli("eval", str(target), *args, "--out", str(tmp_path / "r.json"))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ") and message in proc.stderr, proc.stderr
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_missing_lm_eval_is_one_line_naming_the_extra(tmp_path: Path, tiny_model: Path) -> None:
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / "lm_eval.py").write_text("raise ImportError(\"No module named 'lm_eval'\")\n")
+    import os
+
+    env = {"PYTHONPATH": os.pathsep.join([str(shadow), os.environ.get("PYTHONPATH", "")])}
+    proc = run_cli("eval", str(tiny_model), "--tasks", "sftdist_demo_gen", env=env)
+    assert proc.returncode == 2
+    assert proc.stderr == "error: lm-eval tasks need EleutherAI's lm-evaluation-harness, which is not installed: " \
+                          "pip install 'sftdist[eval]'\n"
+
+
+def test_recipe_eval_tasks_are_checked_when_the_recipe_loads(tmp_path: Path, tiny_model: Path) -> None:
+    recipe = write_recipe(tmp_path, tiny_model, "bad", eval_tasks={"tasks": ["memo_gen"], "every_n_saves": 0})
+    proc = run_cli("data", str(recipe), "--check")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: {recipe}: eval_tasks.every_n_saves is 0; expected at least 1"
+    recipe = write_recipe(tmp_path, tiny_model, "typo", eval_tasks={"tasks": ["no_such_task"]})
+    proc = run_cli("train", str(recipe))
+    assert proc.returncode == 2
+    assert "unknown lm-eval task 'no_such_task'" in proc.stderr and proc.stderr.count("\n") == 1
+    assert not (tmp_path / "typo").exists()  # refused before the run touched output_dir
