@@ -3,7 +3,7 @@
 The same evaluation as `sftdist eval` (evaluation.run_tasks: the run's prompt rendering, lm-eval's
 requests split over the ranks that trained), on the weights in memory, right after each save (or every
 N saves). The scores go through the Trainer's own log, so they sit beside eval_loss in tensorboard and
-trainer_state.json as `eval_<task>_<metric>` (and `..._stderr`), and `sftdist_run.json` lists them per
+trainer_state.json as `eval_<task>_<metric>` (and `..._stderr`, and its wall time as `eval_tasks_seconds`), and `sftdist_run.json` lists them per
 step. It never blocks a resume: it runs after the checkpoint is complete (a failure or a stop during it
 leaves that checkpoint whole), and `eval_tasks` is not part of the run's identity (recipe.run_identity),
 so adding, changing or removing it resumes the same run.
@@ -14,6 +14,7 @@ run the same number of forward passes; those runs are evaluated afterwards with 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,8 @@ import click
 from transformers import TrainerCallback
 
 from sftdist.recipe import Recipe
+
+SECONDS = "eval_tasks_seconds"  # wall time of one evaluation, logged with its scores
 
 
 def _sharded(trainer: Any) -> bool:
@@ -48,10 +51,12 @@ class EvalTasksCallback(TrainerCallback):
         if self.saves % self.every:
             return
         style = prompt_style.read(self.output_dir)  # recorded by the run once it claimed output_dir
-        scores = run_tasks(self.trainer.model, self.trainer.processing_class, style, self.spec, self.manager)
+        start = time.perf_counter()
+        trainer = self.trainer
+        scores = run_tasks(trainer.model, trainer.processing_class, style, self.spec, self.manager, trainer.accelerator)
         if scores is None:  # a rank other than 0: lm-eval gathered its share there
             return
-        logs: dict[str, float] = {}
+        logs: dict[str, float] = {SECONDS: time.perf_counter() - start}  # what it cost, beside the scores
         for task, metrics in scores.items():
             for metric, (value, stderr) in metrics.items():
                 logs[f"eval_{task}_{metric}"] = value
@@ -81,7 +86,7 @@ def history(trainer: Any, recipe: Recipe) -> dict[str, Any]:
     Trainer's log (which a resumed run carries on), or nothing when the recipe has no eval_tasks."""
     if not recipe.eval_tasks.tasks:
         return {}
-    keys = tuple(f"eval_{task}_" for task in recipe.eval_tasks.tasks)
+    keys = (SECONDS, *(f"eval_{task}_" for task in recipe.eval_tasks.tasks))
     rows = []
     for entry in trainer.state.log_history:
         scores = {k: v for k, v in entry.items() if k.startswith(keys)}

@@ -95,18 +95,7 @@ def render_instruction(history: list[dict[str, str]], template: str) -> str:
     return "".join(out)
 
 
-def _join_ranks(lm: Any) -> None:
-    """Make lm-eval split requests over the processes of a launch (it does not for a model passed in)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        from accelerate import Accelerator
-
-        lm.accelerator = Accelerator()
-        lm._rank, lm._world_size = lm.accelerator.process_index, lm.accelerator.num_processes
-
-
-def make_lm(model: Any, tokenizer: Any, style: PromptStyle, batch_size: int) -> Any:
+def make_lm(model: Any, tokenizer: Any, style: PromptStyle, batch_size: int, accelerator: Any = None) -> Any:
     """lm-eval's HF wrapper around a loaded model, rendering prompts as the run trained."""
     from lm_eval.models.huggingface import HFLM
 
@@ -119,7 +108,10 @@ def make_lm(model: Any, tokenizer: Any, style: PromptStyle, batch_size: int) -> 
     # Chat prompts carry their own BOS if the template writes one, as generate encodes them; instruction
     # prompts get the tokenizer's own BOS, as in training.
     lm = RunLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=False if style.chat else None)
-    _join_ranks(lm)
+    if accelerator is not None and accelerator.num_processes > 1:
+        # lm-eval splits requests over ranks and gathers them through this (it does not for a model passed in)
+        lm.accelerator = accelerator
+        lm._rank, lm._world_size = accelerator.process_index, accelerator.num_processes
     return lm
 
 
@@ -137,21 +129,30 @@ def parse_results(results: dict[str, Any]) -> Scores:
     return out
 
 
-def run_tasks(model: Any, tokenizer: Any, style: PromptStyle, spec: TaskSpec, manager: Any) -> Scores | None:
-    """The lm-eval tasks of `spec` on one loaded model; None on ranks other than 0."""
-    import lm_eval
+def run_tasks(
+    model: Any, tokenizer: Any, style: PromptStyle, spec: TaskSpec, manager: Any, accelerator: Any = None
+) -> Scores | None:
+    """The lm-eval tasks of `spec` on one loaded model, split over the processes of `accelerator` (a launch, or
+    the ranks of a training run); None on ranks other than 0."""
+    from lm_eval.evaluator import evaluate
 
+    # lm-eval's evaluate() rather than simple_evaluate(), which also gathers an environment report (pip,
+    # nvidia-smi, git) for every call: seconds per model, and noise, at each save of a training run.
+    loaded = manager.load(spec.tasks)
+    for task in loaded["tasks"].values():
+        if task.get_config("num_fewshot") is None:
+            task.set_config(key="num_fewshot", value=0)
+        task.set_fewshot_seed(seed=1234)
     was_training = model.training
     model.eval()
     try:
-        results = lm_eval.simple_evaluate(
-            model=make_lm(model, tokenizer, style, spec.batch_size),
-            tasks=spec.tasks,
-            task_manager=manager,
+        results = evaluate(
+            lm=make_lm(model, tokenizer, style, spec.batch_size, accelerator),
+            task_dict=loaded,
             limit=spec.limit,
+            bootstrap_iters=1000,
             apply_chat_template=True,  # the wrapper's hook: the run's rendering, chat or template
             log_samples=False,
-            bootstrap_iters=1000,
             verbosity="ERROR",
         )
     finally:
@@ -191,13 +192,13 @@ def resolve_targets(path: str, checkpoints: bool) -> list[tuple[str, Path]]:
     return out
 
 
-def _device(model: Any) -> Any:
-    """The GPU of this process when there is one (the launch's local rank), else the CPU."""
+def _device(accelerator: Any) -> str:
+    """This process's GPU under a launch, else the first GPU when there is one, else the CPU."""
     import torch
 
-    if torch.cuda.is_available():
-        return model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
-    return model
+    if accelerator is not None:
+        return str(accelerator.device)
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def format_table(columns: list[str], scores: dict[str, Scores]) -> str:
@@ -229,12 +230,15 @@ def run_eval(target: str, base: str | None, checkpoints: bool, spec: TaskSpec, o
     for _, path in columns:  # every refusal before the first model loads
         check_loadable(str(path))
     manager = task_manager(spec.tasks, spec.include_path) if spec.tasks else None
-    if os.environ.get("WORLD_SIZE", "1") != "1":
+    accelerator = None
+    if os.environ.get("WORLD_SIZE", "1") != "1":  # `accelerate launch -m sftdist eval`: one process per GPU
         from accelerate import Accelerator
 
-        Accelerator()  # joins the launch's process group, which lm-eval's requests are split over
+        accelerator = Accelerator()
     style = prompt_style.read(targets[-1][1])
-    tokenizer = load_for_generation(str(targets[-1][1]))[1]  # every column answers the same token ids
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(targets[-1][1]))  # every column answers the same token ids
     items = read_prompts(spec.prompts_file, [], style, tokenizer) if spec.prompts_file else []
     if spec.prompts_file and not any(item.reference is not None for item in items):
         raise UserError(f"{spec.prompts_file}: has no reference answers to score; use a data file (jsonl, csv, ...) "
@@ -244,10 +248,10 @@ def run_eval(target: str, base: str | None, checkpoints: bool, spec: TaskSpec, o
     scores: dict[str, Scores] = {}
     for column, path in columns:
         click.echo(f"sftdist eval: {column} ({path})", err=True)
-        model = _device(load_for_generation(str(path))[0])
+        model = load_for_generation(str(path))[0].to(_device(accelerator))
         result: Scores = {}
         if spec.tasks:
-            got = run_tasks(model, tokenizer, style, spec, manager)
+            got = run_tasks(model, tokenizer, style, spec, manager, accelerator)
             result.update(got or {})
         if items:
             result.update(run_prompts(model, tokenizer, items, spec))
@@ -259,13 +263,10 @@ def run_eval(target: str, base: str | None, checkpoints: bool, spec: TaskSpec, o
         "results": {col: {t: {m: {"value": v, "stderr": se} for m, (v, se) in s.items()} for t, s in sc.items()}
                     for col, sc in scores.items()},
     }
-    if _is_main():
+    if accelerator is None or accelerator.is_main_process:
         click.echo(format_table([c for c, _ in columns], scores))
         if out is not None:
             write_json_atomic(Path(out), report)
             click.echo(f"sftdist eval: wrote {out}", err=True)
     return report
 
-
-def _is_main() -> bool:
-    return os.environ.get("RANK", "0") == "0"

@@ -97,6 +97,7 @@ def test_eval_during_training_logs_beside_eval_loss_and_matches_sftdist_eval(tra
     rows = info["eval_tasks"]
     assert [r["step"] for r in rows] == [40, 80]
     assert all(0.0 <= r["eval_memo_gen_exact_match"] <= 1.0 and "eval_memo_gen_exact_match_stderr" in r for r in rows)
+    assert all(r["eval_tasks_seconds"] > 0 for r in rows)  # its cost, logged with it
     state = json.loads((trained / "trainer_state.json").read_text())
     logged = [e for e in state["log_history"] if "eval_memo_gen_exact_match" in e]
     assert [e["step"] for e in logged] == [40, 80]
