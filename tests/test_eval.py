@@ -109,18 +109,23 @@ def test_eval_during_training_logs_beside_eval_loss_and_matches_sftdist_eval(tra
 
 def test_lora_run_is_evaluated_through_its_adapter(tmp_path: Path, tiny_model: Path) -> None:
     recipe = write_recipe(tmp_path, tiny_model, "lora", method="lora", lora={"r": 16, "alpha": 32, "dropout": 0.0},
-                          train={"learning_rate": 1e-2})
+                          train={"learning_rate": 1e-2},
+                          eval_tasks={"tasks": ["memo_gen"], "include_path": str(TASKS), "every_n_saves": 2})
     proc = run_cli("train", str(recipe))
     assert proc.returncode == 0, proc.stderr[-3000:]
     final = tmp_path / "lora" / "final"
     assert (final / "adapter_config.json").is_file() and not (final / "config.json").exists()
+    # every_n_saves: 2 of the saves at steps 40 and 80: once, on the peft model being trained.
+    (trained,) = json.loads((tmp_path / "lora" / "sftdist_run.json").read_text())["eval_tasks"]
+    assert trained["step"] == 80
     out = tmp_path / "report.json"
     proc = run_cli("eval", str(tmp_path / "lora"), "--compare", str(tiny_model), "--include-path", str(TASKS),
                    "--tasks", "memo_gen", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())["results"]
-    assert res["base"]["memo_gen"]["exact_match"]["value"] == 0.0
-    assert res["final"]["memo_gen"]["exact_match"]["value"] >= 0.5  # the adapter's answers, not the base's
+    base, adapted = (res[col]["memo_gen"]["exact_match"]["value"] for col in ("base", "final"))
+    assert base == 0.0 and adapted > base  # the adapter's answers, not the base's
+    assert adapted == trained["eval_memo_gen_exact_match"]  # the adapter over its base is the model that trained
 
 
 @pytest.mark.parametrize(
@@ -164,3 +169,41 @@ def test_recipe_eval_tasks_are_checked_when_the_recipe_loads(tmp_path: Path, tin
     assert proc.returncode == 2
     assert "unknown lm-eval task 'no_such_task'" in proc.stderr and proc.stderr.count("\n") == 1
     assert not (tmp_path / "typo").exists()  # refused before the run touched output_dir
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_task_prompts_reach_the_model_as_generate_renders_them(tiny_model: Path, chat: bool) -> None:
+    """lm-eval's request for a task prompt is tokenized to the ids `sftdist generate` gives the same text: a user
+    turn of the chat template for a chat-trained run, the prompt template for an instruction run."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sftdist.data.encode import Encoder, stop_token_ids
+    from sftdist.data.templates import PROMPT_TEMPLATES
+    from sftdist.evaluation import make_lm
+    from sftdist.prompt_style import PromptStyle
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    lm = make_lm(AutoModelForCausalLM.from_pretrained(tiny_model), tok, PromptStyle(chat, "alpaca", "test"), 1)
+    question = "What is the first word?\n\nrain\ndoor"
+    context = lm.apply_chat_template([{"role": "user", "content": question}])
+    ids = lm.tok_batch_encode([context])[0][0].tolist()
+    enc = Encoder(tok, 10**9, "completion", False, stop_token_ids(tok))
+    if chat:
+        expected = enc.chat_prompt_ids([{"role": "user", "content": question}])
+    else:
+        expected = enc.prompt_ids(PROMPT_TEMPLATES["alpaca"].render(question))
+        assert context.startswith("Below is an instruction") and context.endswith("### Response:\n")
+    assert ids == expected
+    assert ids.count(tok.bos_token_id) <= 1
+
+
+def test_metrics_score_answers_against_references() -> None:
+    from sftdist.metrics import score
+
+    refs = ["the cat sat on the mat", "84"]
+    assert score("exact_match", ["the  cat sat on the mat\n", "85"], refs) == (0.5, 0.5)
+    for metric in ("rouge", "bleu", "chrf"):
+        assert score(metric, refs, refs)[0] == pytest.approx(1.0)
+    assert score("rouge", ["dog", "12"], refs) == (0.0, 0.0)
+    half = score("rouge", ["the cat sat", "84"], refs)[0]
+    assert half == pytest.approx((2 * 1 * 0.5 / 1.5 + 1.0) / 2)  # ROUGE-L F1 of a prefix of half the words, and 1
