@@ -207,3 +207,21 @@ def test_metrics_score_answers_against_references() -> None:
     assert score("rouge", ["dog", "12"], refs) == (0.0, 0.0)
     half = score("rouge", ["the cat sat", "84"], refs)[0]
     assert half == pytest.approx((2 * 1 * 0.5 / 1.5 + 1.0) / 2)  # ROUGE-L F1 of a prefix of half the words, and 1
+
+
+@pytest.mark.parametrize("eval_tasks", [None, {"tasks": ["sftdist_demo_mc"], "every_n_saves": 3}])
+def test_eval_tasks_never_block_a_resume(trained: Path, tmp_path: Path, eval_tasks: dict | None) -> None:
+    """Removing or changing eval_tasks resumes the same run from its last checkpoint."""
+    from conftest import copy_run, decide
+
+    from sftdist.recipe import load_recipe
+
+    path = copy_run(trained, trained.parent / "run.yaml", tmp_path / "copy")
+    raw = yaml.safe_load(path.read_text())
+    if eval_tasks is None:
+        raw.pop("eval_tasks")
+    else:
+        raw["eval_tasks"] = eval_tasks
+    path.write_text(yaml.safe_dump(raw))
+    claim = decide(load_recipe(path))
+    assert (claim.action, claim.checkpoint) == ("resume", tmp_path / "copy" / "checkpoint-80")
