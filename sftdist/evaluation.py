@@ -244,10 +244,13 @@ def run_eval(target: str, base: str | None, checkpoints: bool, spec: TaskSpec, o
         raise UserError(f"{spec.prompts_file}: has no reference answers to score; use a data file (jsonl, csv, ...) "
                         "with responses")
     items = [item for item in items if item.reference is not None]
-    click.echo(f"sftdist eval: {style.describe()}", err=True)
+    main = accelerator is None or accelerator.is_main_process
+    if main:
+        click.echo(f"sftdist eval: {style.describe()}", err=True)
     scores: dict[str, Scores] = {}
     for column, path in columns:
-        click.echo(f"sftdist eval: {column} ({path})", err=True)
+        if main:
+            click.echo(f"sftdist eval: {column} ({path})", err=True)
         model = load_for_generation(str(path))[0].to(_device(accelerator))
         result: Scores = {}
         if spec.tasks:
@@ -260,10 +263,11 @@ def run_eval(target: str, base: str | None, checkpoints: bool, spec: TaskSpec, o
     report = {
         "prompt_style": style.describe(),
         "models": {column: str(path) for column, path in columns},
+        "processes": 1 if accelerator is None else accelerator.num_processes,  # that lm-eval's requests were split over
         "results": {col: {t: {m: {"value": v, "stderr": se} for m, (v, se) in s.items()} for t, s in sc.items()}
                     for col, sc in scores.items()},
     }
-    if accelerator is None or accelerator.is_main_process:
+    if main:
         click.echo(format_table([c for c, _ in columns], scores))
         if out is not None:
             write_json_atomic(Path(out), report)

@@ -9,13 +9,16 @@ base in one table, on the fixture task, the shipped demo tasks and the same rows
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import FIXTURES, run_cli
+from conftest import FIXTURES, REPO, run_cli
 
 TASKS = FIXTURES / "eval_tasks"
 ROWS = TASKS / "rows.jsonl"
@@ -150,8 +153,6 @@ def test_missing_lm_eval_is_one_line_naming_the_extra(tmp_path: Path, tiny_model
     shadow = tmp_path / "shadow"
     shadow.mkdir()
     (shadow / "lm_eval.py").write_text("raise ImportError(\"No module named 'lm_eval'\")\n")
-    import os
-
     env = {"PYTHONPATH": os.pathsep.join([str(shadow), os.environ.get("PYTHONPATH", "")])}
     proc = run_cli("eval", str(tiny_model), "--tasks", "sftdist_demo_gen", env=env)
     assert proc.returncode == 2
@@ -225,3 +226,20 @@ def test_eval_tasks_never_block_a_resume(trained: Path, tmp_path: Path, eval_tas
     path.write_text(yaml.safe_dump(raw))
     claim = decide(load_recipe(path))
     assert (claim.action, claim.checkpoint) == ("resume", tmp_path / "copy" / "checkpoint-80")
+
+
+def test_eval_launched_on_two_processes_splits_the_requests_and_agrees(trained: Path, tmp_path: Path) -> None:
+    """`accelerate launch -m sftdist eval` (here 2 CPU processes, a gloo group as `sftdist launch` builds it): lm-eval
+    splits the requests over both, rank 0 prints one table and writes the JSON, with the one-process figures."""
+    out = tmp_path / "report.json"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_configs" / "ddp.yaml"),
+           "--num_processes", "2", "--num_machines", "1", "-m", "sftdist", "eval", str(trained / "final"),
+           "--include-path", str(TASKS), "--tasks", "memo_gen", "--out", str(out)]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["processes"] == 2
+    alone = json.loads((trained / "sftdist_run.json").read_text())["eval_tasks"][-1]["eval_memo_gen_exact_match"]
+    assert report["results"]["final"]["memo_gen"]["exact_match"]["value"] == alone
+    assert proc.stdout.count("memo_gen") == 1  # one table, from rank 0
