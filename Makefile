@@ -33,3 +33,10 @@ test: $(BIN)/sftdist
 
 gpu-kit: $(BIN)/sftdist
 	$(BIN)/python launch/gpu-kit/build_kit.py --out $(GPU_KIT) --bnb-cuda $(BNB_CUDA)
+
+# The base-vs-fine-tuned table of the demo (docs/eval.md), after `make demo`: the base, each kept checkpoint
+# and final/ on the demo's generative (exact match) and multiple-choice (log-likelihood) tasks.
+.PHONY: eval-demo
+eval-demo: $(BIN)/sftdist
+	$(BIN)/sftdist eval runs/demo --checkpoints --compare models/tiny \
+		--tasks sftdist_demo_gen,sftdist_demo_mc --out runs/demo/eval.json

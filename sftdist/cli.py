@@ -234,6 +234,29 @@ def env(recipe: str | None, num_processes: int | None, num_machines: int, overri
     click.echo("\n".join(report(recipe, overrides, num_processes, num_machines)))
 
 
+@cli.command("eval")
+@click.argument("model_dir_or_run", type=click.Path(file_okay=False))
+@click.option("--compare", "base_dir", type=click.Path(file_okay=False), help="Also evaluate this base model.")
+@click.option("--tasks", default="", metavar="T1,T2", help="lm-eval tasks (names or globs); the demo's are sftdist_demo_gen, sftdist_demo_mc.")
+@click.option("--include-path", type=click.Path(file_okay=False), help="A folder of your own lm-eval task YAMLs.")
+@click.option("--limit", type=COUNT, help="Evaluate at most N documents per task.")
+@click.option("--checkpoints", is_flag=True, help="For a run directory: also every kept checkpoint-N.")
+@click.option("--prompts-file", type=click.Path(dir_okay=False), help="A data file of prompts with reference answers (the formats generate reads).")
+@click.option("--metric", type=click.Choice(["exact_match", "rouge", "bleu", "chrf"]), default="exact_match", show_default=True, help="How --prompts-file answers are scored.")
+@click.option("--max-new-tokens", type=COUNT, default=64, show_default=True, help="For --prompts-file answers.")
+@click.option("--batch-size", type=COUNT, default=8, show_default=True, help="lm-eval requests per forward pass.")
+@click.option("--out", type=click.Path(dir_okay=False), help="Write the results as JSON here.")
+def eval_cmd(model_dir_or_run: str, base_dir: str | None, tasks: str, include_path: str | None, limit: int | None,
+             checkpoints: bool, prompts_file: str | None, metric: str, max_new_tokens: int, batch_size: int,
+             out: str | None) -> None:
+    """Evaluate a model or a run (final/, --checkpoints) beside its base on lm-eval tasks and your prompts."""
+    from sftdist.evaluation import TaskSpec, run_eval
+
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    spec = TaskSpec(names, include_path, limit, batch_size, prompts_file, metric, max_new_tokens)
+    run_eval(model_dir_or_run, base_dir, checkpoints, spec, out)
+
+
 @cli.command("make-tiny-model")
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--seed", default=0, show_default=True)

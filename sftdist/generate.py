@@ -5,7 +5,7 @@ run recorded (`prompt_style`: saved with every checkpoint, final model and expor
 model sees what it learnt: a model trained on chat data gets `--prompt` as a user turn of its chat
 template, one trained on instruction data gets the run's prompt template. With `--compare BASE` the
 base answers the same token ids, side by side; prompts that come with a reference answer (a data
-file) are scored by exact match. Answers stop at the model's context.
+file) are scored by exact match (sftdist.metrics, as `sftdist eval` scores them). Answers stop at the model's context.
 """
 
 from __future__ import annotations
@@ -134,8 +134,8 @@ def answer(model: Any, tokenizer: Any, ids: list[int], max_new_tokens: int, samp
 
     with torch.no_grad():
         out = model.generate(
-            input_ids=torch.tensor([ids]),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            input_ids=torch.tensor([ids], device=model.device),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=model.device),
             max_new_tokens=max_new_tokens,
             eos_token_id=sorted(stop_token_ids(tokenizer, model.generation_config)),
             pad_token_id=tokenizer.pad_token_id,
@@ -187,7 +187,7 @@ def run_generate(
     import torch
 
     from sftdist import prompt_style
-    from sftdist.demo import exact_match
+    from sftdist.metrics import exact_match, score
 
     if not Path(model_dir).is_dir():
         raise UserError(f"{model_dir}: model directory does not exist")
@@ -206,8 +206,8 @@ def run_generate(
     new_tokens = token_budget([m for _, m in models], max_new_tokens)
     budgets = [new_tokens(i, len(item.ids)) for i, item in enumerate(items, start=1)]  # refusals before any answer
     sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_p": top_p}
-    correct = {name: 0 for name, _ in models}
-    scored = 0
+    predictions: dict[str, list[str]] = {name: [] for name, _ in models}
+    references: list[str] = []
     for i, (item, budget) in enumerate(zip(items, budgets), start=1):
         click.echo(f"--- prompt {i}: {item.text}")
         for name, m in models:
@@ -215,14 +215,14 @@ def run_generate(
             text = answer(m, tok, item.ids, budget, sampling)
             mark = ""
             if item.reference is not None:
+                predictions[name].append(text)
                 ok = exact_match(text, item.reference)
-                correct[name] += ok
                 mark = " [correct]" if ok else " [wrong]"
             click.echo(f"  {name:>10}: {text}{mark}")
         if item.reference is not None:
-            scored += 1
+            references.append(item.reference)
             click.echo(f"  {'expected':>10}: {item.reference}")
-    accuracy = {name: correct[name] / scored for name in correct} if scored else {}
+    accuracy = {name: score("exact_match", predictions[name], references)[0] for name in predictions} if references else {}
     for name, acc in accuracy.items():
-        click.echo(f"exact-match accuracy ({name}): {acc:.1%} of {scored}")
+        click.echo(f"exact-match accuracy ({name}): {acc:.1%} of {len(references)}")
     return accuracy

@@ -147,6 +147,17 @@ class DataConfig:
 
 
 @dataclass
+class EvalTasksConfig:
+    """lm-eval tasks run on the model at checkpoint saves, as `sftdist eval` runs them (eval_callback.py)."""
+
+    tasks: list[str] = field(default_factory=list)
+    include_path: str | None = None  # a folder of your own task YAMLs
+    limit: int | None = None  # documents per task
+    every_n_saves: int = 1
+    batch_size: int = 8
+
+
+@dataclass
 class Recipe:
     """A whole training run."""
 
@@ -168,6 +179,8 @@ class Recipe:
     # train.gradient_accumulation_steps x data-parallel processes. When set, each run derives its
     # accumulation from it, so the same recipe trains the same steps (and resumes) at any world size.
     global_batch_size: int | None = None
+    # lm-eval tasks evaluated at saves; empty: none. Not part of the run's identity (see _NOT_IDENTITY).
+    eval_tasks: EvalTasksConfig = field(default_factory=EvalTasksConfig)
     source: str = field(default="", metadata={"internal": True})
 
     def to_dict(self) -> dict[str, Any]:
@@ -197,7 +210,7 @@ class Recipe:
 # `global_batch_size: 64` or `gradient_accumulation_steps: 2` on 32 processes; the global batch itself is checked
 # against the checkpoint), and how often it logs and saves (more frequent checkpoints after a preemption).
 _NOT_IDENTITY = ("global_batch_size", "gradient_accumulation_steps", "logging_steps", "logging_first_step",
-                 "save_steps", "save_total_limit", "report_to")
+                 "save_steps", "save_total_limit", "report_to", "eval_tasks")
 
 
 def run_identity(recipe_dict: dict[str, Any]) -> dict[str, Any]:
@@ -439,6 +452,7 @@ def validate(recipe: Recipe) -> Recipe:
             f"{src}: global_batch_size and train.gradient_accumulation_steps are both set; keep global_batch_size "
             "(each run derives its accumulation from it and the number of processes) and remove the other"
         )
+    _validate_eval_tasks(recipe.eval_tasks, src)
     from sftdist.data.templates import CHAT_TEMPLATES, PROMPT_TEMPLATES, training_families
 
     if recipe.data.template not in PROMPT_TEMPLATES:
@@ -448,6 +462,19 @@ def validate(recipe: Recipe) -> Recipe:
         choices = ("auto", *CHAT_TEMPLATES, *training_families(), "a path ending in .jinja")
         raise _choices_error(f"{src}: data.chat_template", ct, choices)
     return recipe
+
+
+def _validate_eval_tasks(cfg: EvalTasksConfig, src: str) -> None:
+    if cfg != EvalTasksConfig() and not cfg.tasks:
+        raise UserError(f"{src}: eval_tasks.tasks is empty; expected a list of lm-eval task names, e.g. [sftdist_demo_gen]")
+    for i, task in enumerate(cfg.tasks):
+        if not task.strip():
+            raise UserError(f"{src}: eval_tasks.tasks[{i}] is empty; expected an lm-eval task name")
+    for key, value in (("limit", cfg.limit), ("every_n_saves", cfg.every_n_saves), ("batch_size", cfg.batch_size)):
+        if value is not None and value < 1:
+            raise UserError(f"{src}: eval_tasks.{key} is {value}; expected at least 1")
+    if cfg.include_path is not None and not Path(cfg.include_path).is_dir():
+        raise UserError(f"{src}: eval_tasks.include_path: {cfg.include_path} is not a directory of task YAMLs")
 
 
 def recipe_from_dict(raw: dict[str, Any], source: str = "recipe") -> Recipe:

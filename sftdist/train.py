@@ -88,6 +88,9 @@ def build_trainer(recipe: Recipe, args: Any, tokenizer: Any, data: Prepared, mod
     seqpar.install(trainer, recipe)  # sequence parallelism: the loss and resume that single training has
     distributed.install_callbacks(trainer)
     throughput.install(trainer, data)  # tokens/s per device and MFU in the logs and the run's metrics
+    from sftdist import eval_callback
+
+    eval_callback.install(trainer, recipe)  # the recipe's eval_tasks, at saves
     return trainer
 
 
@@ -141,7 +144,9 @@ def run_training(recipe: Recipe, resume: bool = True, overwrite: bool = False) -
         checkpoint.save_final(trainer, recipe, final)
     if trainer.is_world_process_zero():
         trainer.save_state()
-        info = {"distributed": state, "metrics": metrics, "final_dir": str(final)}
+        from sftdist import eval_callback
+
+        info = {"distributed": state, "metrics": metrics, "final_dir": str(final), **eval_callback.history(trainer, recipe)}
         write_json_atomic(Path(recipe.output_dir) / RUN_INFO, info)
         print(f"sftdist: saved {final}", flush=True)
     if run_lock is not None:

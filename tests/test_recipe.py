@@ -77,7 +77,7 @@ def test_to_dict_round_trips():
         (with_(data={"max_lenght": 64}), ["unknown recipe key 'data.max_lenght'", "did you mean 'max_length'?"]),
         (with_(model={"name_or_path": "m", "trust_remote": True}), ["'model.trust_remote'", "'trust_remote_code'"]),
         (with_(data={"train": [{"path": "d", "wieght": 2}]}), ["'data.train[0].wieght'", "did you mean 'weight'?"]),
-        (with_(learning_rate=1e-3), ["'learning_rate'", "valid keys: data, global_batch_size, lora, max_shard_size, method, model"]),
+        (with_(learning_rate=1e-3), ["'learning_rate'", "valid keys: data, eval_tasks, global_batch_size, lora, max_shard_size, method, model"]),
     ],
     ids=["nested", "model", "source", "top-level"],
 )
