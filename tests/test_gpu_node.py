@@ -1,0 +1,102 @@
+"""A multi-GPU node, decided on CPU: the GPU count is an input of the decisions, so a CPU machine checks what a
+node with N GPUs gets (issue 27). What only a GPU can show is a named step of launch/gpu-kit/gpu-check.sh."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from sftdist import cli, launcher
+from sftdist.launcher import LAUNCHER_ENV, build_launch, one_process_choice
+
+
+@pytest.mark.parametrize("gpus, env, strategy, action, pinned", [
+    (0, {}, None, "run", None),                                  # CPU
+    (1, {}, None, "run", None),                                  # one GPU: nothing to decide
+    (8, {}, None, "relaunch", None),                             # train alone on 8: one process per GPU
+    (8, {"LOCAL_RANK": "3", "WORLD_SIZE": "8"}, None, "run", None),  # a rank of a launch: its launcher chose
+    (8, {"WORLD_SIZE": "1"}, None, "run", None),                 # a launcher with one process
+    (8, {}, "single", "pin", "0"),                               # launch/selftest --strategy single
+    (2, {"CUDA_VISIBLE_DEVICES": "5,6"}, "single", "pin", "5"),  # the first GPU the user left visible
+    (1, {"CUDA_VISIBLE_DEVICES": "5"}, "single", "run", None),
+    (8, {}, "ddp", "run", None),                                 # several processes: the launcher assigns GPUs
+])  # fmt: skip
+def test_one_process_on_a_node_of_n_gpus(gpus, env, strategy, action, pinned):
+    choice = one_process_choice(gpus, env, strategy)
+    assert choice.action == action
+    assert choice.env.get("CUDA_VISIBLE_DEVICES") == pinned
+    assert bool(choice.note) == (action != "run") and "\n" not in choice.note
+
+
+@pytest.fixture
+def recipe(tmp_path: Path, tiny_model: Path, demo_rows: Path) -> str:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"model": {"name_or_path": str(tiny_model)},
+                                    "data": {"train": [{"path": str(demo_rows), "format": "dolly"}], "max_length": 128},
+                                    "output_dir": str(tmp_path / "run")}))  # fmt: skip
+    return str(path)
+
+
+@pytest.fixture
+def node(monkeypatch: pytest.MonkeyPatch):
+    """This CPU machine seen as a node of N 80 GiB GPUs with no launcher around: sets N; nothing else is faked."""
+    for key in (*LAUNCHER_ENV, "CUDA_VISIBLE_DEVICES"):
+        monkeypatch.delenv(key, raising=False)
+
+    def set_gpus(n: int) -> None:
+        monkeypatch.setattr(launcher, "visible_gpus", lambda: n)
+        monkeypatch.setattr(launcher, "smallest_gpu_memory", lambda gpus: 80 << 30)
+
+    return set_gpus
+
+
+def test_train_alone_on_several_gpus_runs_as_launch_auto_would(recipe, node, monkeypatch, tmp_path):
+    node(4)
+    started = []  # the processes are not started here (no GPU): the command that would start them is checked
+    monkeypatch.setattr(launcher, "run_launch", lambda launch: started.append(launch) or 0)
+    result = CliRunner().invoke(cli.cli, ["train", recipe, "--set", "train.max_steps=3", "--no-resume"])
+    assert result.exit_code == 0, result.output
+    [launch] = started
+    expected = build_launch(recipe, "auto", overrides=["train.max_steps=3"], train_flags=["--no-resume"], gpus=4)
+    assert launch.render() == expected.render()
+    argv = launch.argv
+    assert argv[argv.index("--num_processes") + 1] == "4" and launch.kind != "single"
+    assert argv[argv.index("-m"):] == ["-m", "sftdist", "train", recipe, "--set", "train.max_steps=3", "--no-resume"]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sftdist train: 4 GPUs are visible and no launcher")
+    assert "--strategy auto chose" in lines[0]
+    assert not (tmp_path / "run").exists()  # the launched ranks write it, not this process
+
+
+def test_launch_single_pins_one_gpu_and_says_so(recipe, node, monkeypatch):
+    node(4)
+    result = CliRunner().invoke(cli.cli, ["launch", recipe, "--strategy", "single", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("env CUDA_VISIBLE_DEVICES=0 ")
+    assert result.stderr.strip() == ("sftdist launch: --strategy single runs on one GPU of the 4 visible: "
+                                     "CUDA_VISIBLE_DEVICES=0")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    node(2)
+    assert build_launch(recipe, "single").env["CUDA_VISIBLE_DEVICES"] == "2"
+    node(1)
+    assert "CUDA_VISIBLE_DEVICES" not in build_launch(recipe, "single").env
+    node(4)
+    assert "CUDA_VISIBLE_DEVICES" not in build_launch(recipe, "ddp").env  # the launcher gives each rank its GPU
+
+
+def test_random_weights_are_drawn_on_the_cpu_where_cuda_is_visible(tmp_path, monkeypatch):
+    """The selftest's parent launches the ranks and stays alive: the weights it draws must not hold GPU memory."""
+    import torch
+
+    from sftdist.random_model import write_model
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU node, as the parent sees it
+    fields = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+              "num_attention_heads": 4, "vocab_size": 100}  # fmt: skip
+    write_model(fields, tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["num_hidden_layers"] == 1
+    assert (tmp_path / "m" / "model.safetensors").is_file()
