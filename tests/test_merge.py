@@ -363,3 +363,28 @@ def test_killed_merge_leaves_a_build_the_next_merge_removes(llama: Path, lora: P
     assert r.returncode == 0, r.stderr[-3000:]
     assert [p.name for p in tmp_path.iterdir()] == ["merged"]
     _assert_matches_peft_merge(out, llama, lora)
+
+
+def test_qlora_merge_stays_on_the_device_it_names_where_cuda_is_visible(llama: Path, qlora: Path, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch):
+    """On a GPU machine transformers puts a 4-bit model on the current CUDA device unless told otherwise, and a
+    `--device cpu` merge then crashed in its verification (CPU prompts, CUDA weights). With CUDA reported visible
+    here, every tensor the real merge path creates (arithmetic, 4-bit reference, verification) is on the CPU."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Devices(TorchDispatchMode):
+        seen: set = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.seen.add(t.device.type)
+            return out
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    with Devices() as mode:
+        result = merge_adapter(str(llama), str(qlora), str(tmp_path / "merged"), device="cpu")
+    assert result.verification.startswith("passed") and "dequantized 4-bit base + adapter" in result.verification
+    assert mode.seen == {"cpu", "meta"}  # meta: the layout, read from a model built without storage
