@@ -219,6 +219,7 @@ def build_launch(
     with the overrides and flags; `sftdist selftest` runs its own processes this way).
     """
     from sftdist import seqpar
+    from sftdist.preflight import check_strategy
     from sftdist.recipe import load_recipe
 
     loaded = load_recipe(recipe, overrides)  # a bad recipe fails here, before any process starts
@@ -258,6 +259,7 @@ def build_launch(
         raise UserError(f"unexpected argument '{accelerate_args[0]}'; `accelerate launch` options go after --")
     if num_machines > 1 and not main_process_ip:
         raise UserError("--num-machines > 1 needs --main-process-ip (the address of the machine with rank 0)")
+    check_strategy(loaded, kind)
     seqpar.check(loaded, kind, num_processes * num_machines, strategy)
     accumulation(loaded, num_processes * num_machines)  # global_batch_size must divide over these processes
     argv = ["--config_file", str(acc_cfg), "--num_processes", str(num_processes * num_machines),

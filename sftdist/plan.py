@@ -503,6 +503,8 @@ def make_plan(
             f"expected one of {', '.join(map(str, sp_options(counts, world)))}"
         )
     names = ("single", "zero3-offload") if world == 1 else tuple(STRATEGIES)[1:]
+    if recipe.method == "qlora":  # refused until a GPU run proves it (preflight.check_strategy)
+        names = tuple(n for n in names if n != "fsdp2")
     if work.sequence_parallel > 1:  # Ulysses runs under DeepSpeed only (seqpar.check refuses the others)
         from sftdist.seqpar import check_packed_micro_batch
 

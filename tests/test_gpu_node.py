@@ -100,3 +100,27 @@ def test_random_weights_are_drawn_on_the_cpu_where_cuda_is_visible(tmp_path, mon
     write_model(fields, tmp_path / "m")
     assert json.loads((tmp_path / "m" / "config.json").read_text())["num_hidden_layers"] == 1
     assert (tmp_path / "m" / "model.safetensors").is_file()
+
+
+def test_qlora_under_fsdp2_is_refused_in_one_line_naming_zero3_and_ddp(recipe, tmp_path, monkeypatch):
+    """bitsandbytes #1945: FSDP2 can rewrite 4-bit weights stored as bf16; refused by launch, by a rank that
+    `accelerate launch` started under FSDP, and never planned."""
+    from conftest import run_cli
+    from sftdist.plan import make_plan
+    from sftdist.preflight import check_recipe
+    from sftdist.recipe import load_recipe
+
+    proc = run_cli("launch", recipe, "--strategy", "fsdp2", "--num-processes", "2", "--set", "method=qlora")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {recipe}: method qlora under FSDP2 is refused until a GPU run proves it (bitsandbytes #1945: "
+        "sharding can corrupt the 4-bit weights); use --strategy zero3 or ddp"]
+    assert not (tmp_path / "run").exists()
+    qlora = load_recipe(recipe, ["method=qlora"])
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(Exception, match="method qlora under FSDP2 is refused"):
+        check_recipe(qlora)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    check_recipe(qlora)  # alone, under DDP or ZeRO: fine
+    assert "fsdp2" not in [e.strategy for e in make_plan(qlora, 8, 80 << 30).estimates]
+    assert "fsdp2" in [e.strategy for e in make_plan(load_recipe(recipe), 8, 80 << 30).estimates]
