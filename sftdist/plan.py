@@ -206,9 +206,11 @@ class Plan:
 
     @property
     def recommended(self) -> Estimate | None:
-        """The fastest strategy that fits with room to spare, else the fastest that fits tightly."""
+        """The fastest strategy that fits with room to spare, else the fastest that fits tightly; never QLoRA under
+        FSDP2, which is estimated but refused until a GPU run proves it (preflight.check_strategy)."""
+        allowed = [e for e in self.estimates if not (e.strategy == "fsdp2" and self.recipe.method == "qlora")]
         for wanted in ("fits", "tight"):
-            best = next((e for e in self.estimates if self.status(e) == wanted), None)
+            best = next((e for e in allowed if self.status(e) == wanted), None)
             if best is not None:
                 return best
         return None
@@ -503,8 +505,6 @@ def make_plan(
             f"expected one of {', '.join(map(str, sp_options(counts, world)))}"
         )
     names = ("single", "zero3-offload") if world == 1 else tuple(STRATEGIES)[1:]
-    if recipe.method == "qlora":  # refused until a GPU run proves it (preflight.check_strategy)
-        names = tuple(n for n in names if n != "fsdp2")
     if work.sequence_parallel > 1:  # Ulysses runs under DeepSpeed only (seqpar.check refuses the others)
         from sftdist.seqpar import check_packed_micro_batch
 

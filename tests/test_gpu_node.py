@@ -3,6 +3,7 @@ node with N GPUs gets (issue 27). What only a GPU can show is a named step of la
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -122,5 +123,10 @@ def test_qlora_under_fsdp2_is_refused_in_one_line_naming_zero3_and_ddp(recipe, t
         check_recipe(qlora)
     monkeypatch.delenv("ACCELERATE_USE_FSDP")
     check_recipe(qlora)  # alone, under DDP or ZeRO: fine
-    assert "fsdp2" not in [e.strategy for e in make_plan(qlora, 8, 80 << 30).estimates]
-    assert "fsdp2" in [e.strategy for e in make_plan(load_recipe(recipe), 8, 80 << 30).estimates]
+    # Estimated (the published FSDP2 QLoRA figures calibrate the planner), never recommended, though faster than
+    # zero3 in the planner's order: with only those two left, zero3 is the pick.
+    plan = make_plan(qlora, 8, 80 << 30)
+    order = [e.strategy for e in plan.estimates]
+    assert order.index("fsdp2") < order.index("zero3")
+    plan = dataclasses.replace(plan, estimates=[e for e in plan.estimates if e.strategy in ("fsdp2", "zero3")])
+    assert plan.status(plan.estimates[0]) == "fits" and plan.recommended.strategy == "zero3"
