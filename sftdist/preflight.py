@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from sftdist import save_dtype
 from sftdist.errors import UserError
 from sftdist.model import check_context, load_config, meta_model, resolve_attention, with_lora
 from sftdist.recipe import Recipe, train_kwargs, typed_train
@@ -168,6 +169,7 @@ def check_recipe(recipe: Recipe) -> None:
 
     check_values(recipe)
     check_strategy(recipe, "fsdp" if launched_type() == "FSDP" else None)
+    save_dtype.resolve(recipe.save_dtype, None, False, f"{recipe.source}: save_dtype")
     config = load_config(recipe)
     check_context(recipe, config)
     check_sequence_parallel(recipe, config)

@@ -130,3 +130,71 @@ def test_qlora_under_fsdp2_is_refused_in_one_line_naming_zero3_and_ddp(recipe, t
     assert order.index("fsdp2") < order.index("zero3")
     plan = dataclasses.replace(plan, estimates=[e for e in plan.estimates if e.strategy in ("fsdp2", "zero3")])
     assert plan.status(plan.estimates[0]) == "fits" and plan.recommended.strategy == "zero3"
+
+
+@pytest.mark.parametrize("wanted, config, on_gpu, dtype", [
+    ("auto", {"dtype": "bfloat16"}, True, "bfloat16"),        # the base's own dtype, under every strategy
+    ("auto", {"torch_dtype": "bfloat16"}, False, "bfloat16"),  # older configs; on CPU too
+    ("auto", {"torch_dtype": "float32"}, False, "float32"),    # CPU runs of an fp32 base: as before
+    ("auto", {}, True, "bfloat16"),                            # a base that does not say: bf16 on GPUs
+    ("auto", None, False, "float32"),                          # ... fp32 on CPU
+    ("float32", {"dtype": "bfloat16"}, True, "float32"),       # the recipe's save_dtype wins
+])  # fmt: skip
+def test_one_save_dtype(wanted, config, on_gpu, dtype):
+    from sftdist.save_dtype import resolve
+
+    assert resolve(wanted, config, on_gpu) == dtype
+
+
+def test_bad_save_dtype_is_one_line_before_anything_is_written(recipe, tmp_path):
+    from conftest import run_cli
+
+    proc = run_cli("train", recipe, "--set", "save_dtype=int8")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {recipe}: save_dtype: 'int8' is not a dtype sftdist saves; expected one of auto, float32, bfloat16, "
+        "float16"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_plan_states_host_ram_at_load_per_node(recipe):
+    from sftdist.plan import format_plan, make_plan
+    from sftdist.recipe import load_recipe
+
+    plan = make_plan(load_recipe(recipe), 8, 80 << 30)
+    line = next(x for x in format_plan(plan).splitlines() if x.startswith("host RAM at load per node:"))
+    whole = plan.counts.total * plan.work.loaded_bytes
+    assert "fsdp2 " in line and "(rank 0 reads the weights)" in line and "8 x the whole model" in line
+    from sftdist.units import gib
+
+    assert f"fsdp2 {gib(whole)} GiB" in line and f"single/ddp/zero1/zero2 {gib(8 * whole)} GiB" in line
+
+
+def test_fsdp2_config_loads_the_weights_on_rank_0_only():
+    from sftdist.strategies import config_paths
+
+    cfg = yaml.safe_load(config_paths("fsdp2")[0].read_text())["fsdp_config"]
+    assert cfg["fsdp_cpu_ram_efficient_loading"] is True and cfg["fsdp_sync_module_states"] is True
+
+
+@pytest.mark.parametrize("cuda, bf16, expected", [
+    (True, True, ("cuda:0", "bfloat16", "sftdist generate: on GPU cuda:0 in bfloat16")),
+    (True, False, ("cuda:0", "float16", "sftdist generate: on GPU cuda:0 in float16")),
+    (False, False, ("cpu", "float32", "sftdist generate: on the CPU in float32 (no GPU visible)")),
+])  # fmt: skip
+def test_generate_uses_the_gpu_when_one_is_visible(cuda, bf16, expected):
+    from sftdist.generate import placement
+
+    assert placement(cuda, bf16) == expected
+
+
+def test_generate_says_where_it_runs_and_loads_there(tiny_model, tmp_path):
+    from conftest import run_cli
+
+    proc = run_cli("generate", str(tiny_model), "--prompt", "hi", "--max-new-tokens", "2", "--greedy")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "sftdist generate: on the CPU in float32 (no GPU visible)" in proc.stderr.splitlines()
+    from sftdist.generate import load_for_generation
+
+    model, _ = load_for_generation(str(tiny_model), "meta", "bfloat16")  # placed and cast as told, weights or not
+    assert {(p.device.type, p.dtype) for p in model.parameters()} == {("meta", __import__("torch").bfloat16)}
