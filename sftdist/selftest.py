@@ -165,7 +165,7 @@ def run_selftest(o: Options) -> dict[str, Any]:
             launch = build_launch(str(recipe_path), o.strategy, num_processes=o.num_processes, gpus=gpus,
                                   command=["selftest", "--worker", str(spec_path)])  # fmt: skip
             if launch.note:
-                print(f"sftdist selftest: {launch.note}", flush=True)
+                print(f"sftdist: {launch.note}", flush=True)
         random_model.ensure_model(o.size, model)
         estimate = plan_estimate(recipe_path, o, gpus)
         if launch is None:

@@ -34,7 +34,7 @@ qlora_size=${QLORA_SIZE:-8b}
 max_length=${MAX_LENGTH:-4096}
 steps=${STEPS:-20}
 multi_steps=${MULTI_STEPS:-10}
-gpus=$(nvidia-smi --list-gpus 2>/dev/null | wc -l || echo 0)
+gpus=$("$python" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null) || gpus=0  # as sftdist counts them
 export SFTDIST_CACHE=${SFTDIST_CACHE:-$work/data-cache}
 failed=()
 
@@ -121,7 +121,7 @@ if ((gpus > 1)); then
             --num-processes 2 --steps "$multi_steps"
         multi+=("1b-qlora-zero3-2gpu")
     fi
-    "$python" - "$out" "${multi[@]}" <<'PY' | tee "$out/multi-gpu.txt"
+    "$python" - "$out" "${multi[@]}" <<'PY' | tee "$out/multi-gpu.txt" || failed+=(multi-gpu)
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
@@ -142,7 +142,6 @@ if len(full) > 1:  # same model, data and seed: the strategies must agree within
     print(f"full SFT first-step losses agree within {spread:.2e} ({'ok' if spread <= 2e-2 else 'FAILED: more than 2e-2'})")
     sys.exit(spread > 2e-2)
 PY
-    ((${PIPESTATUS[0]})) && failed+=(multi-gpu)
 fi
 
 echo "gpu-check: $SECONDS s in all; reports in $out"
