@@ -16,6 +16,7 @@ import shlex
 import signal
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -175,7 +176,7 @@ class ProcessChoice:
     env: dict[str, str] = field(default_factory=dict)
 
 
-def one_process_choice(gpus: int, env: dict[str, str] | os._Environ[str], strategy: str | None) -> ProcessChoice:
+def one_process_choice(gpus: int, env: Mapping[str, str], strategy: str | None) -> ProcessChoice:
     """The decision for a process that would run alone on a machine with `gpus` visible GPUs.
 
     Why: without a launcher, transformers trains on every visible GPU with nn.DataParallel (`n_gpu =
