@@ -445,6 +445,12 @@ def save_final(trainer: Any, recipe: Recipe, final: Path) -> None:
         if main:
             if not has_weights(tmp):
                 raise RuntimeError(f"saving the final model wrote no weights into {tmp}; refusing an empty model")
+            if recipe.method == "full":  # one dtype whatever the strategy gathered (save_dtype.py)
+                from sftdist import save_dtype
+                from sftdist.model import has_cuda, load_config
+
+                with _disk_full_is_user_error(tmp):
+                    save_dtype.cast_model_dir(tmp, save_dtype.resolve(recipe.save_dtype, load_config(recipe), has_cuda()))
             with _disk_full_is_user_error(tmp):
                 rundir.copy_run_files(Path(recipe.output_dir), tmp)
     trainer.accelerator.wait_for_everyone()

@@ -51,9 +51,21 @@ def train(recipe: str, overrides: tuple[str, ...], no_resume: bool, overwrite: b
     from sftdist import preemption
 
     preemption.install()  # first: a preemption during the imports and loading below must still exit 75
+    import os
+
+    from sftdist.launcher import build_launch, one_process_choice, run_launch, visible_gpus
     from sftdist.recipe import load_recipe
     from sftdist.train import run_training
 
+    gpus = visible_gpus()
+    choice = one_process_choice(gpus, os.environ, None)
+    if choice.action == "relaunch":  # the trainer would wrap every GPU in nn.DataParallel, which trl refuses
+        flags = [f for f, on in (("--no-resume", no_resume), ("--overwrite", overwrite)) if on]
+        launch = build_launch(recipe, "auto", overrides=overrides, train_flags=flags, gpus=gpus)
+        click.echo(f"sftdist train: {choice.note} ({launch.note})", err=True)
+        if code := run_launch(launch):
+            raise SystemExit(code)
+        return
     run_training(load_recipe(recipe, overrides), resume=not no_resume, overwrite=overwrite)
 
 

@@ -195,9 +195,30 @@ def _write_full_model(ckpt: Path, kind: str, tmp: Path, max_shard_size: str) -> 
     gen.eos_token_id = tok.eos_token_id
     gen.pad_token_id = tok.pad_token_id
     model.generation_config = gen
+    model.to(getattr(torch, export_dtype(ckpt)))  # the dtype final/ has (save_dtype.py), not the shards' fp32
     model.save_pretrained(tmp, max_shard_size=max_shard_size)
     tok.save_pretrained(tmp)
     rundir.copy_run_files(ckpt, tmp)
+
+
+def export_dtype(ckpt: Path) -> str:
+    """The dtype final/ of the checkpoint's run has: its recipe's save_dtype, else the base model's own dtype (when
+    its config.json can be read here), else bf16 on a GPU machine and fp32 on CPU."""
+    import yaml
+
+    from sftdist import save_dtype
+    from sftdist.model import has_cuda, read_config
+
+    path = rundir.run_file(ckpt, rundir.RECIPE_FILE)
+    raw = yaml.safe_load(path.read_text(encoding="utf-8")) if path is not None else None
+    raw = raw if isinstance(raw, dict) else {}
+    wanted = raw.get("save_dtype", "auto")
+    base = (raw.get("model") or {}).get("name_or_path")
+    config = None
+    if wanted == "auto" and isinstance(base, str) and base:
+        with contextlib.suppress(UserError):  # a base no longer at hand: the fallback below
+            config = read_config(base)
+    return save_dtype.resolve(wanted, config, has_cuda(), f"{path}: save_dtype")
 
 
 def export_checkpoint(checkpoint: str, out: str, merge: bool, max_shard_size: str) -> Path:

@@ -57,8 +57,17 @@ def check_loadable(model_dir: str) -> None:
         raise UserError(f"{p / ADAPTER_CONFIG}: base model (base_model_name_or_path): {e}") from None
 
 
-def load_for_generation(model_dir: str) -> tuple[Any, Any]:
-    """A full model directory, or a LoRA adapter directory on top of its base."""
+def placement(cuda: bool, bf16: bool) -> tuple[str, str, str]:
+    """(device, dtype, the line that says so) for generation: the first visible GPU, in bf16 where it has bf16
+    (fp16 otherwise), else the CPU in fp32 (CPUs have no fast half-precision matmul; an 8B model then needs 32 GB)."""
+    if cuda:
+        dtype = "bfloat16" if bf16 else "float16"
+        return "cuda:0", dtype, f"sftdist generate: on GPU cuda:0 in {dtype}"
+    return "cpu", "float32", "sftdist generate: on the CPU in float32 (no GPU visible)"
+
+
+def load_for_generation(model_dir: str, device: str = "cpu", dtype: str = "float32") -> tuple[Any, Any]:
+    """A full model directory, or a LoRA adapter directory on top of its base, on `device` in `dtype`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -66,14 +75,13 @@ def load_for_generation(model_dir: str) -> tuple[Any, Any]:
 
     check_loadable(model_dir)
     p = Path(model_dir)
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype), "device_map": {"": device}}
     if (p / ADAPTER_CONFIG).is_file():
         from peft import AutoPeftModelForCausalLM
 
-        model = AutoPeftModelForCausalLM.from_pretrained(str(p), dtype=torch.float32)
+        model = AutoPeftModelForCausalLM.from_pretrained(str(p), **kwargs)
     else:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(p), dtype=torch.float32, use_safetensors=require_safetensors(str(p))
-        )
+        model = AutoModelForCausalLM.from_pretrained(str(p), use_safetensors=require_safetensors(str(p)), **kwargs)
     tok = AutoTokenizer.from_pretrained(str(p))
     model.eval()
     return model, tok
@@ -193,16 +201,19 @@ def run_generate(
         raise UserError(f"{model_dir}: model directory does not exist")
     if base_dir is not None:
         check_loadable(base_dir)
-    model, tok = load_for_generation(model_dir)
+    cuda = torch.cuda.is_available()
+    device, dtype, where = placement(cuda, cuda and torch.cuda.is_bf16_supported())
+    model, tok = load_for_generation(model_dir, device, dtype)
     style = prompt_style.read(Path(model_dir))
     items = read_prompts(prompts_file, prompts, style, tok)
     if not items:
         raise UserError("no prompts: pass --prompt TEXT or --prompts-file FILE")
     click.echo(f"sftdist generate: {style.describe()}", err=True)
+    click.echo(where, err=True)
     # The base answers the same token ids, so both see one rendering; its tokenizer is a subset of ours.
     models = [("fine-tuned", model)]
     if base_dir is not None:
-        models.append(("base", load_for_generation(base_dir)[0]))
+        models.append(("base", load_for_generation(base_dir, device, dtype)[0]))
     new_tokens = token_budget([m for _, m in models], max_new_tokens)
     budgets = [new_tokens(i, len(item.ids)) for i, item in enumerate(items, start=1)]  # refusals before any answer
     sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_p": top_p}

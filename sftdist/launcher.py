@@ -16,6 +16,7 @@ import shlex
 import signal
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,10 +118,8 @@ def auto_strategy(
 
     ram = psutil.virtual_memory().total
     if gpus:
-        import torch
-
         processes = num_processes or gpus
-        memory = gpu_memory_bytes or min(torch.cuda.get_device_properties(i).total_memory for i in range(gpus))
+        memory = gpu_memory_bytes or smallest_gpu_memory(gpus)
         cpu_memory: int | None = ram
         where = f"{processes} GPU(s) per machine"
     else:
@@ -142,9 +141,59 @@ def cpu_cores() -> int:
 
 
 def visible_gpus() -> int:
+    """GPUs this process may use. torch counts them through NVML where it can, without initializing CUDA, so
+    CUDA_VISIBLE_DEVICES can still be narrowed for the processes started after the count."""
     import torch
 
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return torch.cuda.device_count()
+
+
+def smallest_gpu_memory(gpus: int) -> int:
+    """Memory of the smallest of the first `gpus` visible GPUs, read through NVML where torch can, so that the
+    launching process creates no CUDA context (which would hold memory on GPU 0 for the whole run)."""
+    import torch
+
+    try:
+        import pynvml
+
+        return min(int(pynvml.nvmlDeviceGetMemoryInfo(torch.cuda._get_pynvml_handler(i)).total) for i in range(gpus))
+    except Exception:  # no nvidia-ml-py, or a driver NVML cannot read: ask CUDA itself
+        return min(torch.cuda.get_device_properties(i).total_memory for i in range(gpus))
+
+
+# Set by every launcher sftdist runs under (torchrun/accelerate launch, the slurm script's, deepspeed's): a process
+# that has them was given its device and its share of the run, and is never re-launched or pinned.
+LAUNCHER_ENV = ("LOCAL_RANK", "WORLD_SIZE")
+
+
+@dataclass(frozen=True)
+class ProcessChoice:
+    """What one process does on this machine before it trains: "run" as it is, "relaunch" as
+    `sftdist launch --strategy auto` would (one process per GPU), or "pin" to one GPU (`env` says which)."""
+
+    action: str
+    note: str = ""
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def one_process_choice(gpus: int, env: Mapping[str, str], strategy: str | None) -> ProcessChoice:
+    """The decision for a process that would run alone on a machine with `gpus` visible GPUs.
+
+    Why: without a launcher, transformers trains on every visible GPU with nn.DataParallel (`n_gpu =
+    device_count()`), which trl's SFTTrainer refuses. `strategy` is None for `sftdist train` (nobody chose one:
+    every GPU is used, as `launch --strategy auto` would) and "single" for `launch`/`selftest --strategy single`
+    (one GPU, the first visible). Under a launcher, or with at most one GPU, the process runs as it is.
+    """
+    if gpus <= 1 or any(k in env for k in LAUNCHER_ENV):
+        return ProcessChoice("run")
+    if strategy is None:
+        return ProcessChoice("relaunch", f"{gpus} GPUs are visible and no launcher started this process: training "
+                                         "on all of them, as `sftdist launch RECIPE --strategy auto` would")
+    if strategy == "single":
+        first = (env.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0].strip()
+        return ProcessChoice("pin", f"--strategy single runs on one GPU of the {gpus} visible: "
+                                    f"CUDA_VISIBLE_DEVICES={first}", {"CUDA_VISIBLE_DEVICES": first})
+    return ProcessChoice("run")
 
 
 def build_launch(
@@ -171,6 +220,7 @@ def build_launch(
     with the overrides and flags; `sftdist selftest` runs its own processes this way).
     """
     from sftdist import seqpar
+    from sftdist.preflight import check_strategy
     from sftdist.recipe import load_recipe
 
     loaded = load_recipe(recipe, overrides)  # a bad recipe fails here, before any process starts
@@ -201,12 +251,16 @@ def build_launch(
             f"--strategy {strategy} runs one process; for {num_processes} processes on {num_machines} "
             "machine(s) use --strategy ddp, fsdp2 or zero1/2/3"
         )
+    if kind == "single":  # on a node with several GPUs, one of them (the trainer would take them all)
+        choice = one_process_choice(gpus, os.environ, "single")
+        note = "; ".join(filter(None, [note, choice.note]))
     if gpus and num_processes > gpus:
         raise UserError(f"--num-processes {num_processes}: only {gpus} GPU(s) are visible on this machine")
     if accelerate_args and not accelerate_args[0].startswith("-"):
         raise UserError(f"unexpected argument '{accelerate_args[0]}'; `accelerate launch` options go after --")
     if num_machines > 1 and not main_process_ip:
         raise UserError("--num-machines > 1 needs --main-process-ip (the address of the machine with rank 0)")
+    check_strategy(loaded, kind)
     seqpar.check(loaded, kind, num_processes * num_machines, strategy)
     accumulation(loaded, num_processes * num_machines)  # global_batch_size must divide over these processes
     if not {"--no-resume", "--overwrite"} & set(train_flags):
@@ -219,7 +273,7 @@ def build_launch(
         argv += ["--main_process_port", str(main_process_port or DEFAULT_PORT)]
     if ds_cfg is not None:
         argv += ["--deepspeed_config_file", str(ds_cfg)]
-    env: dict[str, str] = {}
+    env: dict[str, str] = dict(choice.env) if kind == "single" else {}
     if stage is not None:
         # accelerate exports the stage only from its own zero_stage field, not from a DeepSpeed file;
         # the model loader needs it to store QLoRA's 4-bit weights in a dtype ZeRO-3 can shard.

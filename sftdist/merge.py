@@ -161,7 +161,7 @@ def merge_adapter(
             raise UserError(f"merged model lacks {len(missing)} base tensors, e.g. {missing[0]}; nothing written")
         check = "skipped (--no-verify)"
         if verify:
-            check = verify_merge(base_dir, ad, tmp, quant if into == "quantized" else None, vocab, out_dtype)
+            check = verify_merge(base_dir, ad, tmp, quant if into == "quantized" else None, vocab, out_dtype, dev)
             print(f"merge-adapter: verification {check}", flush=True)
         card = model_card(base_dir, ad, method, out_dtype, files, check, recipe)
         (tmp / "README.md").write_text(card, encoding="utf-8")
@@ -628,11 +628,17 @@ def _prompt_ids(model_dir: Path, vocab: int) -> list[Any]:
     return [(torch.arange(16) * (i + 1) + 1).remainder(vocab).unsqueeze(0) for i in range(3)]
 
 
-def verify_merge(base: Path, ad: Adapter, merged: Path, quant: QuantSpec | None, vocab: int | None, dtype: str) -> str:
-    """Logits of the merged model vs base + adapter through peft, one model at a time.
+def verify_merge(
+    base: Path, ad: Adapter, merged: Path, quant: QuantSpec | None, vocab: int | None, dtype: str, device: Any = None
+) -> str:
+    """Logits of the merged model vs base + adapter through peft, one model at a time, on `device` (the merge's).
 
     For QLoRA the reference base is quantized by transformers and dequantized by bitsandbytes, independently of
-    `quant_round_trip`.
+    `quant_round_trip`. Every model is placed on `device` explicitly: left to itself, transformers puts a 4-bit
+    model on the current CUDA device wherever one is visible, even for a CPU merge, and then the CPU prompts meet
+    CUDA weights. The 4-bit reference is dequantized as a whole only on the CPU; on a GPU its layers compute from
+    the 4-bit weights (bitsandbytes dequantizes one layer at a time for a prompt of several tokens), so the GPU
+    never holds the fp32 base (280 GB for 70B).
     """
     import gc
 
@@ -640,27 +646,28 @@ def verify_merge(base: Path, ad: Adapter, merged: Path, quant: QuantSpec | None,
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    device = torch.device("cpu") if device is None else device
+    kwargs: dict[str, Any] = {"dtype": torch.float32, "device_map": {"": device}}
     if quant is not None:
         kwargs["quantization_config"] = _bnb_config(quant)
     ref = AutoModelForCausalLM.from_pretrained(str(base), **kwargs)
-    if quant is not None:
+    if quant is not None and device.type == "cpu":
         # bitsandbytes' CPU inference kernel rounds the 4-bit scales to bf16; dequantized layers compute exactly.
         ref = ref.dequantize()
     n_vocab = vocab or ref.get_input_embeddings().weight.shape[0]
     if ref.get_input_embeddings().weight.shape[0] != n_vocab:
         ref.resize_token_embeddings(n_vocab, mean_resizing=False)
-    ref = PeftModel.from_pretrained(ref, str(ad.path)).eval()
-    prompts = _prompt_ids(merged, n_vocab)
+    ref = PeftModel.from_pretrained(ref, str(ad.path), torch_device=str(device)).eval()
+    prompts = [ids.to(device) for ids in _prompt_ids(merged, n_vocab)]
     with torch.no_grad():
-        want = [ref(ids).logits.float() for ids in prompts]
+        want = [ref(ids).logits.float().cpu() for ids in prompts]
         with ref.disable_adapter():
-            plain = [ref(ids).logits.float() for ids in prompts]
+            plain = [ref(ids).logits.float().cpu() for ids in prompts]
     del ref
     gc.collect()
-    model = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32, device_map={"": device}).eval()
     with torch.no_grad():
-        got = [model(ids).logits.float() for ids in prompts]
+        got = [model(ids).logits.float().cpu() for ids in prompts]
     del model
     gc.collect()
     diff = max((g - w).abs().max().item() for g, w in zip(got, want))

@@ -17,7 +17,7 @@ from sftdist.recipe import Recipe
 
 # Implementations that honour per-sample position_ids in a padding-free packed row: flash attention
 # takes cu_seqlens; sdpa/eager get a block-diagonal mask from transformers when the KV cache is off.
-PACKING_SAFE_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+PACKING_SAFE_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "sftdist_varlen")
 PAD_TOKEN = "<|pad|>"
 
 
@@ -106,6 +106,11 @@ def resolve_attention(recipe: Recipe) -> str:
     impl = recipe.model.attn_implementation
     if impl == "auto":
         impl = "flash_attention_2" if is_flash_attn_2_available() else "sdpa"
+        if impl == "sdpa" and recipe.data.packing and recipe.sequence_parallel == 1:
+            from sftdist import packed_attention  # torch's varlen kernel on a GPU: no row^2 mask (packed_attention.py)
+
+            if packed_attention.kernel() is not None:
+                impl = packed_attention.register()
     available = {"flash_attention_2": is_flash_attn_2_available, "flash_attention_3": is_flash_attn_3_available}
     # On a GPU transformers falls back to the hub's flash-attention kernels when `kernels` is installed.
     if impl in available and not available[impl](kernels_fallback_ok=has_cuda()):

@@ -206,9 +206,11 @@ class Plan:
 
     @property
     def recommended(self) -> Estimate | None:
-        """The fastest strategy that fits with room to spare, else the fastest that fits tightly."""
+        """The fastest strategy that fits with room to spare, else the fastest that fits tightly; never QLoRA under
+        FSDP2, which is estimated but refused until a GPU run proves it (preflight.check_strategy)."""
+        allowed = [e for e in self.estimates if not (e.strategy == "fsdp2" and self.recipe.method == "qlora")]
         for wanted in ("fits", "tight"):
-            best = next((e for e in self.estimates if self.status(e) == wanted), None)
+            best = next((e for e in allowed if self.status(e) == wanted), None)
             if best is not None:
                 return best
         return None
@@ -548,6 +550,22 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
 
 
+# The largest safetensors file a published checkpoint holds (transformers' default max_shard_size): what a ZeRO-3
+# process holds while transformers' zero.Init loading partitions the weights, one file at a time.
+PUBLISHED_SHARD = 5 * 10**9
+
+
+def host_ram_at_load(plan: Plan) -> str:
+    """Host RAM per node that loading the weights takes, per strategy: FSDP2 reads them on rank 0 only
+    (fsdp_cpu_ram_efficient_loading; the other ranks receive theirs by broadcast), ZeRO-3 about one checkpoint
+    file per process, and every other strategy the whole model per process."""
+    loaded = plan.counts.total * plan.work.loaded_bytes
+    n = plan.gpus
+    return (f"host RAM at load per node: fsdp2 {gib(loaded)} GiB (rank 0 reads the weights), zero3 about "
+            f"{gib(n * min(loaded, PUBLISHED_SHARD))} GiB ({n} x one checkpoint file), single/ddp/zero1/zero2 "
+            f"{gib(n * loaded)} GiB ({n} x the whole model)")
+
+
 def format_plan(plan: Plan) -> str:
     """The table and the recommendation, as `sftdist plan` prints them."""
     r, k, w = plan.recipe, plan.counts, plan.work
@@ -572,6 +590,7 @@ def format_plan(plan: Plan) -> str:
         f"cluster: {plan.nodes} node(s) x {plan.gpus} GPU(s) x {gib(plan.gpu_memory)} GiB; reserve per GPU: "
         f"{gib(CUDA_RESERVE)} GiB for the CUDA context + {FRAGMENTATION_DEFAULT:.0%} of the total "
         f"({FRAGMENTATION['zero3']:.0%} for fsdp2/zero3) for fragmentation; figures in {unit} per GPU",
+        host_ram_at_load(plan),
         "",
         f"{'strategy':<14}{'weights':>9}{'grads':>8}{'optim':>8}{'buffers':>9}{'act ckpt':>10}{'act full':>10}"
         f"{'total':>8}{'margin':>8}  {'CPU/node':>8}  fits",

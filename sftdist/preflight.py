@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from sftdist import save_dtype
 from sftdist.errors import UserError
 from sftdist.model import check_context, load_config, meta_model, resolve_attention, with_lora
 from sftdist.recipe import Recipe, train_kwargs, typed_train
@@ -153,10 +154,27 @@ def check_sequence_parallel(recipe: Recipe, config: Any) -> None:
         )
 
 
+def check_strategy(recipe: Recipe, kind: str | None) -> None:
+    """Method x strategy pairs refused until a GPU run proves them (`kind`: the launcher's config kind, or
+    "fsdp" when accelerate launched this rank under FSDP). QLoRA under FSDP2 must store its packed 4-bit
+    weights as bf16 so that they shard, and bitsandbytes #1945 (open) reports that `fully_shard` rewrites
+    packed bytes that read as bf16 NaNs (~0.1% of elements) and that `full_tensor()` segfaults in the final
+    save; ZeRO-3 and DDP keep the bytes as they are (docs/gpu.md)."""
+    if recipe.method == "qlora" and kind == "fsdp":
+        raise UserError(
+            f"{recipe.source}: method qlora under FSDP2 is refused until a GPU run proves it (bitsandbytes #1945: "
+            "sharding can corrupt the 4-bit weights); use --strategy zero3 or ddp"
+        )
+
+
 def check_recipe(recipe: Recipe) -> None:
     """All checks: values, the model's context, the attention implementation, and that LoRA's
     target_modules match some layer."""
+    from sftdist.distributed import launched_type
+
     check_values(recipe)
+    check_strategy(recipe, "fsdp" if launched_type() == "FSDP" else None)
+    save_dtype.resolve(recipe.save_dtype, None, False, f"{recipe.source}: save_dtype")
     config = load_config(recipe)
     check_context(recipe, config)
     check_sequence_parallel(recipe, config)

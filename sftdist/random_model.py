@@ -4,9 +4,11 @@ The selftest loads its model through the path training uses (`model.load_model`:
 the recipe's dtype, attention and 4-bit quantization), so the weights lie on disk like a downloaded
 checkpoint's: safetensors shards in bf16 (as published), config.json and a tokenizer. The tokenizer is
 the embedded one (`tiny.build_tokenizer`); its ~2k tokens are a subset of the model's vocabulary, so
-the embedding and output layer keep their published size and cost. Weights are drawn on the GPU when
-there is one (seconds even for 8B); writing them (16 GB for 8B) is what takes time, once per `--work`
-folder: a directory is named after its config and reused.
+the embedding and output layer keep their published size and cost. Weights are drawn on the CPU and
+freed before any training process starts: the selftest's own process stays alive as the launcher for
+the whole run, and weights drawn on a GPU would keep its memory (16 GB for 8B) reserved on rank 0's
+device. Drawing and writing them (16 GB for 8B) takes time once per `--work` folder: a directory is
+named after its config and reused.
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ def write_model(fields: dict[str, Any], out: Path, seed: int = 0) -> None:
         tokenizer.model_max_length = context
     torch.manual_seed(seed)
     try:
-        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        with torch.device("cpu"):  # never a GPU: see the module's docstring
             model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     except (ValueError, KeyError) as e:
         raise UserError(f"config {out.name}: cannot build a causal LM from it ({str(e).splitlines()[0]})") from None
@@ -107,3 +109,4 @@ def write_model(fields: dict[str, Any], out: Path, seed: int = 0) -> None:
     with build_beside(out, replace=True) as tmp:
         model.save_pretrained(tmp, max_shard_size="5GB")
         tokenizer.save_pretrained(tmp)
+    del model  # freed here, before the caller launches the training processes

@@ -173,6 +173,9 @@ class Recipe:
     output_dir: str = "runs/sft"
     # Largest safetensors file in checkpoints and the final model (e.g. "5GB", "500MB").
     max_shard_size: str = "5GB"
+    # dtype of a full model's final/ and exports: auto = the base model's own (config.json), else bf16 on GPUs,
+    # fp32 on CPU; or float32, bfloat16, float16 (save_dtype.py).
+    save_dtype: str = "auto"
     # Processes that share each sample (DeepSpeed Ulysses, see seqpar.py); data-parallel size = world / this.
     sequence_parallel: int = 1
     # Sequences (packed rows) per optimizer step over all processes; null: per-device batch x
@@ -210,7 +213,7 @@ class Recipe:
 # `global_batch_size: 64` or `gradient_accumulation_steps: 2` on 32 processes; the global batch itself is checked
 # against the checkpoint), and how often it logs and saves (more frequent checkpoints after a preemption).
 _NOT_IDENTITY = ("global_batch_size", "gradient_accumulation_steps", "logging_steps", "logging_first_step",
-                 "save_steps", "save_total_limit", "report_to", "eval_tasks")
+                 "save_steps", "save_total_limit", "report_to", "eval_tasks", "save_dtype")
 
 
 def run_identity(recipe_dict: dict[str, Any]) -> dict[str, Any]:

@@ -104,9 +104,9 @@ def plan_estimate(recipe_path: Path, o: Options, gpus: int) -> Any:
 
     world = processes(o, gpus)
     if gpus:
-        import torch
+        from sftdist.launcher import smallest_gpu_memory
 
-        memory = min(torch.cuda.get_device_properties(i).total_memory for i in range(gpus))
+        memory = smallest_gpu_memory(gpus)
     else:
         memory = psutil.virtual_memory().total // world
     plan = make_plan(load_recipe(recipe_path), world, memory)
@@ -143,7 +143,7 @@ def compare_memory(memory: dict[str, Any], estimate: Any) -> dict[str, Any]:
 def run_selftest(o: Options) -> dict[str, Any]:
     """Build (or reuse) the model, train and measure it, and return the report (also written to --out)."""
     from sftdist import random_model, selftest_rank
-    from sftdist.launcher import build_launch, run_launch, visible_gpus
+    from sftdist.launcher import build_launch, one_process_choice, run_launch, visible_gpus
     from sftdist.throughput import PEAK_TFLOPS_ENV
 
     gpus = visible_gpus()
@@ -160,9 +160,12 @@ def run_selftest(o: Options) -> dict[str, Any]:
         spec_path = work / SPEC_FILE
         spec_path.write_text(json.dumps(spec), encoding="utf-8")
         launch = None
-        if o.strategy != "single":  # flags checked before the model is written
-            launch = build_launch(str(recipe_path), o.strategy, num_processes=o.num_processes,
+        # Several processes, or one pinned to one of several GPUs: launched (flags checked before the model is written).
+        if o.strategy != "single" or one_process_choice(gpus, os.environ, "single").action == "pin":
+            launch = build_launch(str(recipe_path), o.strategy, num_processes=o.num_processes, gpus=gpus,
                                   command=["selftest", "--worker", str(spec_path)])  # fmt: skip
+            if launch.note:
+                print(f"sftdist: {launch.note}", flush=True)
         random_model.ensure_model(o.size, model)
         estimate = plan_estimate(recipe_path, o, gpus)
         if launch is None:

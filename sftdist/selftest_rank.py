@@ -157,7 +157,7 @@ def measure(recipe: Recipe, spec: dict[str, Any]) -> tuple[Any, Any, dict[str, A
     """(tokenizer, data, this rank's findings): train the recipe as `sftdist train` does and measure it."""
     from sftdist import distributed, preflight, probes
     from sftdist.data.pipeline import prepare
-    from sftdist.model import load_model, load_tokenizer
+    from sftdist.model import load_model, load_tokenizer, unwrapped
     from sftdist.train import build_sft_config, build_trainer
 
     preflight.check_recipe(recipe)
@@ -179,7 +179,9 @@ def measure(recipe: Recipe, spec: dict[str, Any]) -> tuple[Any, Any, dict[str, A
             "compute_dtype": probes.compute_dtype(trainer),
             "autocast": "bfloat16" if args.bf16 else "float16" if args.fp16 else None,
             # transformers' own record of the implementation that ran (no public accessor)
-            "attn_implementation": trainer.model.config._attn_implementation,
+            "attn_implementation": trainer.model.config._attn_implementation + (
+                " (packed rows run as rows of whole samples)"
+                if getattr(unwrapped(trainer.model).base_model, "sftdist_rows_of_whole_samples", None) else ""),
             "activation_checkpointing": bool(args.gradient_checkpointing),
             **probes.weights(trainer),
             "batch": batch.seen,

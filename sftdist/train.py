@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sftdist import checkpoint, distributed, fast_head, preflight, seqpar, throughput
+from sftdist import checkpoint, distributed, fast_head, packed_rows, preflight, seqpar, throughput
 from sftdist.errors import EXIT_PREEMPTED, UserError
 from sftdist.recipe import Recipe, accumulation, train_kwargs, typed_train
 from sftdist.resume import data_fingerprint, planned
@@ -85,6 +85,7 @@ def build_trainer(recipe: Recipe, args: Any, tokenizer: Any, data: Prepared, mod
     except ValueError as e:  # the Trainer's own checks of its settings, made when it is built
         raise UserError(f"{recipe.source}: the trainer refuses these train settings ({str(e).splitlines()[0]})") from None
     fast_head.install(trainer)  # CPU: trl's fused head scores every position and attends across the flat batch
+    packed_rows.install(trainer, recipe.data.max_length)  # GPU sdpa/eager: no square beyond max_length^2
     seqpar.install(trainer, recipe)  # sequence parallelism: the loss and resume that single training has
     distributed.install_callbacks(trainer)
     throughput.install(trainer, data)  # tokens/s per device and MFU in the logs and the run's metrics

@@ -488,6 +488,7 @@ def test_generate_says_which_prompts_file_rows_it_skips(tmp_path, tiny_model):
         f"warning: dropped 1 of 2 rows of {tmp_path / 'p.jsonl'}: 1 empty response",
         "sftdist generate: prompts rendered through the prompt template 'default' (no sftdist_prompt.json beside "
         "the model)",
+        "sftdist generate: on the CPU in float32 (no GPU visible)",
     ]
     assert "--- prompt 1: " in proc.stdout and "--- prompt 2" not in proc.stdout
 

@@ -47,7 +47,7 @@ EXPECTED_TYPE = {
 CASES = [
     *[("full", s) for s in ("ddp", "zero2", "zero3", "fsdp2")],
     *[("lora", s) for s in ("ddp", "zero2", "zero3", "fsdp2")],
-    *[("qlora", s) for s in ("ddp", "zero3", "fsdp2")],
+    *[("qlora", s) for s in ("ddp", "zero3")],  # qlora under fsdp2 is refused: tests/test_gpu_node.py
     ("full", "zero1"),
     ("full", "zero3-offload"),
 ]

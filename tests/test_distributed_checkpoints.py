@@ -16,10 +16,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from conftest import copy_run, run_cli
-from launched import LOSS_ATOL, STEPS, WEIGHT_ATOL, final_weights, history, launch, trained
+from launched import LOSS_ATOL, STEPS, WEIGHT_ATOL, final_weights, history, launch, trained, write_recipe
 from sftdist.rundir import COMPLETE_MARKER, RUN_FILES
 from sftdist.export import checkpoint_kind, consolidated_state_dict
 
@@ -69,8 +70,39 @@ def test_final_model_equals_the_consolidated_shards(tmp_path_factory, tiny_model
     assert final.keys() == single.keys()  # whole: every tensor, at its full shape
     assert {k: v.shape for k, v in final.items()} == {k: v.shape for k, v in single.items()}
     assert final.keys() <= shards.keys()
+    # One dtype under every strategy: the base's own (the tiny model says float32), not what the strategy gathered.
+    expected = torch.float32 if method == "full" else next(iter(single.values())).dtype
+    assert {t.dtype for t in final.values()} == {expected}
     for name, tensor in final.items():
         assert tensor.equal(shards[name].to(tensor.dtype)), name
+
+
+def test_save_dtype_is_final_and_export_dtype_under_zero3(tmp_path, tiny_model, demo_rows):
+    """`save_dtype: bfloat16`: final/ of a 2-process ZeRO-3 run and the export of its last checkpoint are bf16,
+    and both equal the consolidated fp32 shards cast to bf16."""
+    from safetensors.torch import load_file
+
+    recipe = tmp_path / "recipe.yaml"
+    write_recipe(recipe, tiny_model, demo_rows, "full", tmp_path / "run")
+    raw = yaml.safe_load(recipe.read_text())
+    raw["save_dtype"] = "bfloat16"
+    recipe.write_text(yaml.safe_dump(raw))
+    launch(recipe, "zero3", env={"SFTDIST_CACHE": str(tmp_path / "cache")})
+    run = tmp_path / "run"
+    final = final_weights(run)
+    assert {t.dtype for t in final.values()} == {torch.bfloat16}
+    assert json.loads((run / "final" / "config.json").read_text())["dtype"] == "bfloat16"
+    shards = consolidated_state_dict(run / f"checkpoint-{STEPS}", "zero")
+    assert {t.dtype for t in shards.values()} == {torch.float32}
+    for name, tensor in final.items():
+        assert tensor.equal(shards[name].to(torch.bfloat16)), name
+    out = tmp_path / "exported"
+    proc = run_cli("export", str(run / f"checkpoint-{STEPS}"), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    exported = load_file(out / "model.safetensors")
+    assert {t.dtype for t in exported.values()} == {torch.bfloat16}
+    assert all(exported[k].equal(final[k]) for k in final)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
 
 
 EXPORTS = [

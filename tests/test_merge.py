@@ -397,3 +397,28 @@ def test_a_hub_id_base_resolves_through_the_cache_offline(llama: Path, lora: Pat
     _one_line_error(r, "sftdist-test/not-cached: not a local path, and the model is not in the Hugging Face cache",
                     "HF_HUB_OFFLINE is set")
     assert not (tmp_path / "none").exists()
+
+
+def test_qlora_merge_stays_on_the_device_it_names_where_cuda_is_visible(llama: Path, qlora: Path, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch):
+    """On a GPU machine transformers puts a 4-bit model on the current CUDA device unless told otherwise, and a
+    `--device cpu` merge then crashed in its verification (CPU prompts, CUDA weights). With CUDA reported visible
+    here, every tensor the real merge path creates (arithmetic, 4-bit reference, verification) is on the CPU."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Devices(TorchDispatchMode):
+        seen: set = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.seen.add(t.device.type)
+            return out
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    with Devices() as mode:
+        result = merge_adapter(str(llama), str(qlora), str(tmp_path / "merged"), device="cpu")
+    assert result.verification.startswith("passed") and "dequantized 4-bit base + adapter" in result.verification
+    assert mode.seen == {"cpu", "meta"}  # meta: the layout, read from a model built without storage

@@ -8,7 +8,8 @@
 # Python's environment with torch pinned to the installed build, decides which of sftdist's dependencies
 # are missing or in a version the pins exclude; exactly those are installed from the kit's wheels into
 # SITE, with --no-deps (nothing else of the environment is touched, torch is never reinstalled).
-# KIT/env.sh then puts SITE and PROJECT first on PYTHONPATH: `source KIT/env.sh && KIT/gpu-check.sh`.
+# KIT/env.sh then puts SITE and PROJECT first on PYTHONPATH and SITE/bin first on PATH:
+# `source KIT/env.sh && KIT/gpu-check.sh`.
 #
 # Variables: PYTHON (default: python3), SITE (default: KIT/site).
 set -euo pipefail
@@ -60,8 +61,10 @@ else
 fi
 
 cat >"$kit/env.sh" <<ENV
-# source this file: sftdist and the kit's packages first on the module path, no network
+# source this file: sftdist and the kit's packages first on the module path, their programs (ninja, which
+# DeepSpeed's JIT-built ops need) first on PATH, no network
 export PYTHONPATH="$site:$project\${PYTHONPATH:+:\$PYTHONPATH}"
+export PATH="$site/bin\${PATH:+:\$PATH}"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 ENV
 
