@@ -258,13 +258,15 @@ def _check_size_fields(config: object) -> None:
 
 
 def _bnb_4bit_weights(model: object) -> set[int]:
-    """ids of the weights transformers' replace_with_bnb_linear would store in 4 bits (Linear/Conv1D but the head)."""
+    """ids of the weights transformers' replace_with_bnb_linear would store in 4 bits (Linear/Conv1D but those
+    QLoRA keeps in the compute dtype: the head, MoE routers, layers too small for 4-bit)."""
     import torch
     from transformers.pytorch_utils import Conv1D
-    from transformers.quantizers.base import get_keys_to_not_convert
     from transformers.quantizers.quantizers_utils import should_convert_module
 
-    skip = get_keys_to_not_convert(model)
+    from sftdist.model import unquantized_modules
+
+    skip = unquantized_modules(model)
     return {
         id(module.weight)
         for name, module in model.named_modules()

@@ -87,6 +87,9 @@ def check_values(recipe: Recipe) -> None:
             raise UserError(f"{src}: lora.alpha is {lc.alpha}; expected a positive number (the adapter's scale)")
         if not 0 <= lc.dropout < 1:
             raise UserError(f"{src}: lora.dropout is {lc.dropout}; expected 0 <= x < 1")
+        if lc.target_parameters and lc.dropout:
+            raise UserError(f"{src}: lora.target_parameters needs lora.dropout: 0 (peft adapts parameters without "
+                            f"dropout); got {lc.dropout}")
         if not lc.target_modules:
             raise UserError(f"{src}: lora.target_modules is empty; expected all-linear or a list of module names")
     check_shard_size(recipe.max_shard_size, f"{src}: max_shard_size")

@@ -56,7 +56,8 @@ class ModelConfig:
 
     name_or_path: str = ""
     dtype: str = "auto"
-    # "auto": flash_attention_2 when installed on CUDA, else sdpa (both isolate packed samples).
+    # "auto": the first of flash_attention_2, sdpa, eager that this machine runs and the model class implements
+    # (all keep packed samples apart; model.AUTO_ATTENTION).
     attn_implementation: str = "auto"
     trust_remote_code: bool = False
 
@@ -70,6 +71,9 @@ class LoraConfig:
     dropout: float = 0.05
     # "all-linear" covers nn.Linear and GPT-2's Conv1D, except the output layer.
     target_modules: str | list[str] = "all-linear"
+    # peft's target_parameters: parameters (not modules) to adapt, e.g. an MoE's fused experts
+    # ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]; peft wraps them only with dropout: 0.
+    target_parameters: list[str] | None = None
     use_dora: bool = False
     use_rslora: bool = False
 
