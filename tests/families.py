@@ -18,13 +18,15 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "olmo2": {}, "granite": {}, "smollm3": {},
     "gpt2": {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 512},
     "qwen3_moe": {**_EXPERTS, "num_experts": 4, "moe_intermediate_size": 32},
+    # Qwen2-MoE's 1-wide shared-expert gate is the layer QLoRA must not quantize.
+    "qwen2_moe": {**_EXPERTS, "num_experts": 4, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32},
     "mixtral": {**_EXPERTS, "num_local_experts": 4},
     "gpt_oss": {**_EXPERTS, "num_local_experts": 4},
     "deepseek_v3": {**_EXPERTS, "n_routed_experts": 4, "num_key_value_heads": 4, "moe_intermediate_size": 32, "n_shared_experts": 1,
                     "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1, "kv_lora_rank": 16,
                     "q_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 8},
 }  # fmt: skip
-MOE = ("qwen3_moe", "mixtral", "gpt_oss", "deepseek_v3")
+MOE = ("qwen3_moe", "qwen2_moe", "mixtral", "gpt_oss", "deepseek_v3")
 
 
 def build_families(out: Path, tokenizer: Any, names: tuple[str, ...] = tuple(FAMILIES)) -> dict[str, Path]:

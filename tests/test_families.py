@@ -1,0 +1,220 @@
+"""Every architecture of the family matrix (tests/families.py), dense and MoE, through what users run: a packed
+full step and a LoRA step of `sftdist train`, packing isolation on the model `train` loads, export of a checkpoint
+loaded back by transformers with equal logits, merge-adapter equal to peft's merge, `plan`; QLoRA keeping MoE
+routers unquantized; the MoE load-balancing loss on by default and reaching the router's gradients.
+
+Each family's two runs train once per session (`_run`) and are shared by the tests that read them. The CLI
+commands run in this process (click's runner calls the very command functions `sftdist` calls), since a
+subprocess per run would cost seconds of imports each.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from families import FAMILIES, MOE
+
+from sftdist.cli import cli
+from sftdist.model import ROUTER_NAMES
+
+_runs: dict[tuple[str, str], tuple[Path, str]] = {}
+# transformers' classes that implement neither flash attention 2 on this machine nor sdpa: `auto` says eager.
+EAGER_ONLY = ("gemma2", "gpt_oss")
+
+
+def _recipe(model: Path, out: Path, method: str, **train: Any) -> dict:
+    return {
+        "model": {"name_or_path": str(model)},
+        "method": method,
+        "data": {"train": [{"path": str(_ROWS[0]), "limit": 16}], "max_length": 128},
+        "train": {"max_steps": 1, "save_steps": 1, "per_device_train_batch_size": 4, "learning_rate": 1e-2,
+                  "logging_steps": 1, "report_to": [], "seed": 0, **train},
+        "output_dir": str(out),
+    }  # fmt: skip
+
+
+_ROWS: list[Path] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _rows(demo_rows: Path) -> None:
+    _ROWS[:] = [demo_rows]
+
+
+def _cli(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, list(args))
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.output
+
+
+def _run(tmp_path_factory: pytest.TempPathFactory, families: dict[str, Path], family: str, method: str) -> tuple[Path, str]:
+    """`sftdist train` of the default recipe (only the model, data and a 1-step schedule set), once per session:
+    (output_dir, what it printed)."""
+    if (family, method) not in _runs:
+        root = tmp_path_factory.mktemp(f"{family}-{method}")
+        recipe = root / "recipe.yaml"
+        recipe.write_text(yaml.safe_dump(_recipe(families[family], root / "run", method)))
+        code, output = _cli("train", str(recipe))
+        assert code == 0, output[-3000:]
+        _runs[family, method] = root / "run", output
+    return _runs[family, method]
+
+
+def _logits(model_dir: Path, ids: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+IDS = torch.tensor([[1, 40, 7, 300, 12, 999, 5, 64, 700, 33]])  # inside the tiny vocabulary (~1k)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_full_step_and_lora_step(family: str, families: dict[str, Path], tmp_path_factory) -> None:
+    from sftdist.model import is_moe, read_config
+
+    config = read_config(str(families[family]))
+    for method in ("full", "lora"):
+        out, printed = _run(tmp_path_factory, families, family, method)
+        logs = json.loads((out / "trainer_state.json").read_text())["log_history"]
+        assert logs[0]["step"] == 1 and math.isfinite(logs[0]["loss"]), logs
+        run = json.loads((out / "sftdist_run.json").read_text())
+        assert run["distributed"]["num_processes"] == 1
+        # `auto` names the attention it fell back to when the class lacks the faster one, and only then.
+        assert ("sftdist: attention eager" in printed) == (family in EAGER_ONLY), printed[-2000:]
+        coef = getattr(config.get_text_config(), "router_aux_loss_coef", 0) or 0
+        # MoE: the load-balancing loss is on at the model's own coefficient and logged beside the loss.
+        assert ("aux_loss" in logs[0]) == (is_moe(config) and coef > 0), logs[0]
+    adapter = json.loads((out / "checkpoint-1" / "adapter_config.json").read_text())
+    targets = adapter["target_modules"]
+    if is_moe(config):  # all-linear: the attention and dense linears, never a router or the fused experts
+        assert isinstance(targets, list) and targets and not adapter.get("target_parameters")
+        assert not [t for t in targets if t.rsplit(".", 1)[-1] in ROUTER_NAMES or ".experts." in t], targets
+    else:
+        assert targets == "all-linear" or set(targets)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_rows_keep_samples_apart(family: str, families: dict[str, Path], tmp_path: Path) -> None:
+    """Per-sample losses of one packed, padding-free row equal each sample's loss alone, on the model as
+    `sftdist train` loads it (its dtype and the attention `auto` picks)."""
+    import torch.nn.functional as F
+
+    from sftdist.model import load_model, load_tokenizer
+    from sftdist.recipe import recipe_from_dict
+
+    recipe = recipe_from_dict(_recipe(families[family], tmp_path / "run", "full"), source="recipe")
+    tokenizer = load_tokenizer(recipe)
+    model = load_model(recipe, tokenizer).eval()
+    g = torch.Generator().manual_seed(0)
+    vocab = model.get_input_embeddings().num_embeddings
+    samples = [torch.randint(5, vocab, (n,), generator=g) for n in (17, 9, 30)]
+    ids = torch.cat(samples)[None]
+    positions = torch.cat([torch.arange(len(s)) for s in samples])[None]
+
+    def losses(logits: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits[:-1].float(), s[1:], reduction="none")
+
+    with torch.no_grad():
+        packed = model(input_ids=ids, position_ids=positions).logits[0]
+        start = 0
+        for s in samples:
+            alone = model(input_ids=s[None]).logits[0]
+            together = losses(packed[start : start + len(s)], s)
+            assert torch.allclose(together, losses(alone, s), atol=1e-4), (family, (together - losses(alone, s)).abs().max())
+            start += len(s)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_export_loads_back_with_equal_logits(family: str, families: dict[str, Path], tmp_path_factory) -> None:
+    out, _ = _run(tmp_path_factory, families, family, "full")
+    exported = tmp_path_factory.mktemp(f"{family}-export") / "model"
+    code, printed = _cli("export", str(out / "checkpoint-1"), "--out", str(exported))
+    assert code == 0, printed
+    assert torch.equal(_logits(exported, IDS), _logits(out / "final", IDS))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_merge_adapter_equals_peft_merge(family: str, families: dict[str, Path], tmp_path_factory) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out, _ = _run(tmp_path_factory, families, family, "lora")
+    merged = tmp_path_factory.mktemp(f"{family}-merged") / "model"
+    code, printed = _cli("merge-adapter", "--base", str(families[family]), "--adapter", str(out / "checkpoint-1"),
+                         "--out", str(merged))  # fmt: skip
+    assert code == 0, printed
+    base = AutoModelForCausalLM.from_pretrained(families[family], dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, out / "checkpoint-1").eval()
+    with torch.no_grad():
+        adapted = peft_model(input_ids=IDS).logits
+        theirs = peft_model.merge_and_unload()(input_ids=IDS).logits
+    ours = _logits(merged, IDS)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    assert not torch.allclose(ours, _logits(families[family], IDS), atol=1e-5)  # the adapter trained: not the base
+    assert torch.allclose(ours, adapted, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_plan(family: str, families: dict[str, Path], tmp_path: Path) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(_recipe(families[family], tmp_path / "run", "lora")))
+    code, printed = _cli("plan", str(recipe), "--gpus", "1", "--gpu-memory", "80GB")
+    assert code == 0, printed
+    assert "recommended" in printed.lower(), printed
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_qlora_keeps_routers_and_tiny_layers_in_compute_dtype(family: str, families: dict[str, Path], tmp_path: Path):
+    import bitsandbytes as bnb
+
+    from sftdist.model import load_model, load_tokenizer
+    from sftdist.recipe import recipe_from_dict
+
+    recipe = recipe_from_dict(_recipe(families[family], tmp_path / "run", "qlora"), source="recipe")
+    model = load_model(recipe, load_tokenizer(recipe))
+    quantized = {n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert quantized  # the attention is 4-bit
+    routers = [(n, m) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in ROUTER_NAMES]
+    assert routers
+    for name, module in routers:
+        assert name not in quantized and all(p.dtype == torch.float32 for p in module.parameters()), name
+    small = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m.out_features < 32]
+    assert not set(small) & quantized
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=IDS).logits).all()
+
+
+def test_aux_loss_reaches_the_router_gradients(families: dict[str, Path], tmp_path: Path) -> None:
+    """The load-balancing loss is on by default at the model's own coefficient, and it changes the router's
+    gradient: the same batch with `train.router_aux_loss_coef: 0` gives another one."""
+    from sftdist.data.pipeline import prepare
+    from sftdist.model import load_model, load_tokenizer, read_config
+    from sftdist.recipe import recipe_from_dict
+    from sftdist.train import build_sft_config, build_trainer
+
+    default = read_config(str(families["mixtral"])).router_aux_loss_coef
+    grads = {}
+    for coef in (None, 0.0):
+        extra = {} if coef is None else {"router_aux_loss_coef": coef}
+        recipe = recipe_from_dict(_recipe(families["mixtral"], tmp_path / f"run{coef}", "full", **extra), source="r")
+        tokenizer = load_tokenizer(recipe)
+        data = prepare(recipe, lambda: tokenizer, progress=False)
+        trainer = build_trainer(recipe, build_sft_config(recipe), tokenizer, data, load_model(recipe, tokenizer))
+        assert trainer.router_aux_loss_coef == (default if coef is None else 0.0)
+        batch = next(iter(trainer.get_train_dataloader()))
+        trainer.model.train()
+        trainer.compute_loss(trainer.model, batch).backward()
+        grads[coef] = trainer.model.model.layers[0].mlp.gate.weight.grad.clone()
+    assert default > 0
+    assert not torch.allclose(grads[None], grads[0.0], rtol=0, atol=1e-8)
