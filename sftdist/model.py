@@ -108,6 +108,12 @@ AUTO_ATTENTION: tuple[tuple[str, str, Any], ...] = (
 )
 
 
+# Model types whose transformers code builds the sdpa/eager mask without position_ids, so that a packed, padding-free
+# row is one causal sequence there: only flash attention (cu_seqlens) keeps its samples apart.
+# tests/test_families.py shows each entry still leaks.
+MASK_WITHOUT_POSITIONS = ("gpt_oss",)
+
+
 def _flash_available(impl: str) -> bool:
     """Whether transformers can run flash attention `impl` here (on a GPU it falls back to the hub's kernels)."""
     from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
@@ -134,14 +140,14 @@ def resolve_attention(recipe: Recipe, config: Any = None, say: bool = False) -> 
     runs and the model class implements (all keep packed samples apart); with `say`, one line names it when the
     class ruled out a faster one. An explicit choice the class or the machine cannot run is a UserError
     (preflight calls this, so it is refused before anything is written)."""
-    cls = model_class(config if config is not None else load_config(recipe))
+    config = config if config is not None else load_config(recipe)
+    cls = model_class(config)
     impl = recipe.model.attn_implementation
     if impl == "auto":
         runnable = [(name, flag) for name, flag, here in AUTO_ATTENTION if here()]
         impl = next(name for name, _ in runnable if class_supports(cls, name))
         if say and impl != runnable[0][0] and os.environ.get("RANK", "0") == "0":
             print(f"sftdist: attention {impl}: {cls.__name__} does not implement {runnable[0][0]}", flush=True)
-        return impl
     if impl in ("flash_attention_2", "flash_attention_3") and not _flash_available(impl):
         package = "flash-attn" if impl == "flash_attention_2" else "flash-attn 3 (flash_attn_interface)"
         where = "no GPU is visible" if not has_cuda() else f"{package} is not installed"
@@ -153,6 +159,13 @@ def resolve_attention(recipe: Recipe, config: Any = None, say: bool = False) -> 
         raise UserError(
             f"{recipe.source}: model.attn_implementation={impl} is not implemented by {cls.__name__} "
             f"({recipe.model.name_or_path}); use auto"
+        )
+    model_type = config.get_text_config().model_type
+    if recipe.data.packing and "flash" not in impl and model_type in MASK_WITHOUT_POSITIONS:
+        raise UserError(
+            f"{recipe.source}: data.packing needs flash attention for {model_type} models (transformers builds their "
+            f"{impl} mask without the samples' positions, so packed samples would attend to each other); "
+            "set data.packing: false, or train on a GPU with flash-attn"
         )
     if recipe.data.packing and impl not in PACKING_SAFE_ATTENTION:
         raise UserError(
@@ -375,6 +388,7 @@ def load_model(recipe: Recipe, tokenizer: Any) -> Any:
     )
     if recipe.method == "qlora" and not has_cuda():
         check_cpu_4bit(model, m.name_or_path)
+    mark_zero3_leaf_modules(model)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # weight.shape is 0 under ZeRO-3
         # Pad to a multiple of 64: matmuls on the embedding/LM head run faster on GPUs.
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64, mean_resizing=False)
@@ -388,6 +402,22 @@ def load_model(recipe: Recipe, tokenizer: Any) -> Any:
             eos.insert(0, tokenizer.eos_token_id)
         gc.eos_token_id = eos[0] if len(eos) == 1 else eos
     return model
+
+
+def mark_zero3_leaf_modules(model: Any) -> None:
+    """Under ZeRO-3, each sparse MoE block is gathered whole (DeepSpeed's leaf modules, as LLaMA-Factory does):
+    ranks that route their tokens to different experts would otherwise wait on each other's gathers and hang."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    from sftdist.moe import sparse_block_classes
+
+    blocks = sparse_block_classes(model) if is_deepspeed_zero3_enabled() else []
+    if blocks:
+        from deepspeed.utils import set_z3_leaf_modules
+
+        set_z3_leaf_modules(model, blocks)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"sftdist: ZeRO-3 gathers each {', '.join(c.__name__ for c in blocks)} whole (leaf module)", flush=True)
 
 
 def unwrapped(model: Any) -> Any:
