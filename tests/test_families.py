@@ -295,3 +295,32 @@ def test_two_processes_shard_moe(strategy: str, family: str, families: dict[str,
     code, printed = _cli("export", str(tmp_path / "run" / "checkpoint-1"), "--out", str(tmp_path / "export"))
     assert code == 0, printed
     assert torch.allclose(_logits(tmp_path / "export", IDS), _logits(tmp_path / "run" / "final", IDS), atol=1e-5)
+
+
+def test_attention_the_class_lacks_is_one_line(families: dict[str, Path], tmp_path: Path) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    raw = _recipe(families["gemma2"], tmp_path / "run", "full")
+    recipe.write_text(yaml.safe_dump({**raw, "model": {**raw["model"], "attn_implementation": "sdpa"}}))
+    code, printed = _cli("train", str(recipe))
+    assert code == 2 and "model.attn_implementation=sdpa is not implemented by Gemma2ForCausalLM" in printed, printed
+    assert not (tmp_path / "run").exists()
+
+
+def test_lora_target_parameters_adapt_the_fused_experts(families: dict[str, Path], tmp_path: Path) -> None:
+    """peft's own `target_parameters` reaches the experts that `all-linear` leaves out, with dropout 0 (peft's
+    condition, refused in one line otherwise)."""
+    experts = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    raw = _recipe(families["qwen3_moe"], tmp_path / "run", "lora")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({**raw, "lora": {"target_parameters": experts}}))
+    code, printed = _cli("train", str(recipe))
+    assert code == 2 and "lora.target_parameters needs lora.dropout: 0" in printed, printed
+    recipe.write_text(yaml.safe_dump({**raw, "lora": {"target_parameters": experts, "dropout": 0.0}}))
+    code, printed = _cli("train", str(recipe))
+    assert code == 0, printed[-3000:]
+    adapter = json.loads((tmp_path / "run" / "checkpoint-1" / "adapter_config.json").read_text())
+    assert sorted(adapter["target_parameters"]) == sorted(experts)
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "run" / "checkpoint-1" / "adapter_model.safetensors", "pt") as f:
+        assert any("experts" in k for k in f.keys()), list(f.keys())
