@@ -226,6 +226,18 @@ def unquantized_modules(model: Any) -> list[str]:
     return sorted({*get_keys_to_not_convert(model), *own})
 
 
+_UNQUANTIZED: dict[tuple[str, bool], list[str]] = {}
+
+
+def unquantized_modules_of(recipe: Recipe) -> list[str]:
+    """`unquantized_modules` of the recipe's model, counted once per process on the meta device. preflight asks
+    first: once the SFTConfig exists, its ZeRO-3 config would make transformers build the meta model as partitions."""
+    key = (recipe.model.name_or_path, recipe.model.trust_remote_code)
+    if key not in _UNQUANTIZED:
+        _UNQUANTIZED[key] = unquantized_modules(meta_model(recipe)[1])
+    return _UNQUANTIZED[key]
+
+
 def check_cpu_4bit(model: Any, where: str) -> None:
     """bitsandbytes' CPU 4-bit kernels (used in eval and generation) need output sizes divisible by 32;
     without this check the run trains, then fails at its first evaluation."""
@@ -381,7 +393,7 @@ def load_model(recipe: Recipe, tokenizer: Any) -> Any:
         "trust_remote_code": m.trust_remote_code,
     }
     if recipe.method == "qlora":
-        kwargs["quantization_config"] = quantization_config(recipe, unquantized_modules(meta_model(recipe)[1]))
+        kwargs["quantization_config"] = quantization_config(recipe, unquantized_modules_of(recipe))
         kwargs["dtype"] = kwargs["quantization_config"].bnb_4bit_compute_dtype
     model = AutoModelForCausalLM.from_pretrained(
         m.name_or_path, use_safetensors=require_safetensors(m.name_or_path), **kwargs

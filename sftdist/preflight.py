@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from sftdist.errors import UserError
-from sftdist.model import check_context, load_config, meta_model, resolve_attention, with_lora
+from sftdist.model import (
+    check_context, load_config, meta_model, resolve_attention, unquantized_modules_of, with_lora,
+)
 from sftdist.recipe import Recipe, train_kwargs, typed_train
 from sftdist.units import parse_size
 
@@ -158,6 +160,8 @@ def check_recipe(recipe: Recipe) -> None:
     config = load_config(recipe)
     check_context(recipe, config)
     check_sequence_parallel(recipe, config)
-    resolve_attention(recipe)
+    resolve_attention(recipe, config)
+    if recipe.method == "qlora":
+        unquantized_modules_of(recipe)  # counted now, before a ZeRO-3 SFTConfig exists (see there)
     if recipe.method in ("lora", "qlora"):
         with_lora(meta_model(recipe)[1], recipe)  # peft's own matching, on the meta device
