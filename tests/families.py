@@ -22,7 +22,8 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "qwen2_moe": {**_EXPERTS, "num_experts": 4, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32},
     "mixtral": {**_EXPERTS, "num_local_experts": 4},
     "gpt_oss": {**_EXPERTS, "num_local_experts": 4},
-    "deepseek_v3": {**_EXPERTS, "n_routed_experts": 4, "num_key_value_heads": 4, "moe_intermediate_size": 32, "n_shared_experts": 1,
+    "deepseek_v3": {**_EXPERTS, "n_routed_experts": 4, "num_key_value_heads": 4, "moe_intermediate_size": 32,
+                    "n_shared_experts": 1,
                     "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1, "kv_lora_rank": 16,
                     "q_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 8},
 }  # fmt: skip
