@@ -140,8 +140,12 @@ def resolve_attention(recipe: Recipe, config: Any = None, say: bool = False) -> 
     runs and the model class implements (all keep packed samples apart); with `say`, one line names it when the
     class ruled out a faster one. An explicit choice the class or the machine cannot run is a UserError
     (preflight calls this, so it is refused before anything is written)."""
-    config = config if config is not None else load_config(recipe)
-    cls = model_class(config)
+    if config is None:
+        try:
+            config = load_config(recipe)
+        except UserError:  # reported by the check that reads the model; here every implementation is assumed
+            config = None
+    cls = model_class(config) if config is not None else None
     impl = recipe.model.attn_implementation
     if impl == "auto":
         runnable = [(name, flag) for name, flag, here in AUTO_ATTENTION if here()]
@@ -160,7 +164,7 @@ def resolve_attention(recipe: Recipe, config: Any = None, say: bool = False) -> 
             f"{recipe.source}: model.attn_implementation={impl} is not implemented by {cls.__name__} "
             f"({recipe.model.name_or_path}); use auto"
         )
-    model_type = config.get_text_config().model_type
+    model_type = config.get_text_config().model_type if config is not None else None
     if recipe.data.packing and "flash" not in impl and model_type in MASK_WITHOUT_POSITIONS:
         raise UserError(
             f"{recipe.source}: data.packing needs flash attention for {model_type} models (transformers builds their "
