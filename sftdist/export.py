@@ -179,17 +179,17 @@ def _write_full_model(ckpt: Path, kind: str, tmp: Path, max_shard_size: str) -> 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     config = AutoConfig.from_pretrained(ckpt)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
     state = consolidated_state_dict(ckpt, kind)
     check_finite(ckpt, state)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
-    still_missing = [k for k in missing if getattr(model.get_parameter(k), "is_meta", False)]
-    if still_missing or unexpected:
-        raise UserError(
-            f"{ckpt}: weights do not match config.json (missing {still_missing[:3]}, unexpected {unexpected[:3]})"
-        )
+    # transformers' own loading, which converts the hub's on-disk layout (save_pretrained writes MoE experts one
+    # by one) into the in-memory one (fused experts) with its conversion mapping; ZeRO/FSDP shards hold the
+    # in-memory names, which pass through. The weights keep their dtype (ZeRO's are the fp32 masters).
+    dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
+    model_class = AutoModelForCausalLM._model_mapping[type(config)]
+    model, info = model_class.from_pretrained(None, config=config, state_dict=state, dtype=dtype, output_loading_info=True)
+    missing, unexpected = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
+    if missing or unexpected:
+        raise UserError(f"{ckpt}: weights do not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]})")
     tok = AutoTokenizer.from_pretrained(ckpt)
     gen = GenerationConfig.from_pretrained(ckpt) if (ckpt / rundir.GENERATION_CONFIG).is_file() else GenerationConfig()
     gen.eos_token_id = tok.eos_token_id

@@ -8,6 +8,7 @@ packed samples apart; here packing is refused for those.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -98,27 +99,82 @@ def resolve_dtype(name: str, where: str, trainable: bool = False) -> Any:
     return getattr(torch, name)
 
 
-def resolve_attention(recipe: Recipe) -> str:
-    """model.attn_implementation as transformers will load it; flash attention only where it can run
-    (preflight calls this, so a machine without it is refused before anything is written)."""
+# `auto`'s order: the fastest implementation first. Each entry: the name, the model-class flag that says
+# transformers implements it for that class, and whether this machine can run it.
+AUTO_ATTENTION: tuple[tuple[str, str, Any], ...] = (
+    ("flash_attention_2", "_supports_flash_attn", lambda: _flash_available("flash_attention_2")),
+    ("sdpa", "_supports_sdpa", lambda: True),
+    ("eager", "", lambda: True),
+)
+
+
+# Model types whose transformers code builds the sdpa/eager mask without position_ids, so that a packed, padding-free
+# row is one causal sequence there: only flash attention (cu_seqlens) keeps its samples apart.
+# tests/test_families.py shows each entry still leaks.
+MASK_WITHOUT_POSITIONS = ("gpt_oss",)
+
+
+def _flash_available(impl: str) -> bool:
+    """Whether transformers can run flash attention `impl` here (on a GPU it falls back to the hub's kernels)."""
     from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
 
+    check = {"flash_attention_2": is_flash_attn_2_available, "flash_attention_3": is_flash_attn_3_available}[impl]
+    return check(kernels_fallback_ok=has_cuda())
+
+
+def model_class(config: Any) -> Any:
+    """The causal-LM class transformers builds for `config` (no weights), or None when it has no such class."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM._model_mapping.get(type(config), None)
+
+
+def class_supports(cls: Any, impl: str) -> bool:
+    """Whether transformers implements attention `impl` for model class `cls` (unknown classes: assumed yes)."""
+    flag = next((f for name, f, _ in AUTO_ATTENTION if name == impl), "_supports_flash_attn" if "flash" in impl else "")
+    return cls is None or not flag or bool(getattr(cls, flag, True))
+
+
+def resolve_attention(recipe: Recipe, config: Any = None, say: bool = False) -> str:
+    """model.attn_implementation as transformers will load it. `auto`: the first of AUTO_ATTENTION this machine
+    runs and the model class implements (all keep packed samples apart); with `say`, one line names it when the
+    class ruled out a faster one. An explicit choice the class or the machine cannot run is a UserError
+    (preflight calls this, so it is refused before anything is written)."""
+    if config is None:
+        try:
+            config = load_config(recipe)
+        except UserError:  # reported by the check that reads the model; here every implementation is assumed
+            config = None
+    cls = model_class(config) if config is not None else None
     impl = recipe.model.attn_implementation
     if impl == "auto":
-        impl = "flash_attention_2" if is_flash_attn_2_available() else "sdpa"
+        runnable = [(name, flag) for name, flag, here in AUTO_ATTENTION if here()]
+        impl = next(name for name, _ in runnable if class_supports(cls, name))
+        if say and impl != runnable[0][0] and os.environ.get("RANK", "0") == "0":
+            print(f"sftdist: attention {impl}: {cls.__name__} does not implement {runnable[0][0]}", flush=True)
         if impl == "sdpa" and recipe.data.packing and recipe.sequence_parallel == 1:
             from sftdist import packed_attention  # torch's varlen kernel on a GPU: no row^2 mask (packed_attention.py)
 
             if packed_attention.kernel() is not None:
                 impl = packed_attention.register()
-    available = {"flash_attention_2": is_flash_attn_2_available, "flash_attention_3": is_flash_attn_3_available}
-    # On a GPU transformers falls back to the hub's flash-attention kernels when `kernels` is installed.
-    if impl in available and not available[impl](kernels_fallback_ok=has_cuda()):
+    if impl in ("flash_attention_2", "flash_attention_3") and not _flash_available(impl):
         package = "flash-attn" if impl == "flash_attention_2" else "flash-attn 3 (flash_attn_interface)"
         where = "no GPU is visible" if not has_cuda() else f"{package} is not installed"
         raise UserError(
             f"{recipe.source}: model.attn_implementation={impl} needs a CUDA GPU and {package}, but {where}; "
             "use auto or sdpa"
+        )
+    if not class_supports(cls, impl):
+        raise UserError(
+            f"{recipe.source}: model.attn_implementation={impl} is not implemented by {cls.__name__} "
+            f"({recipe.model.name_or_path}); use auto"
+        )
+    model_type = config.get_text_config().model_type if config is not None else None
+    if recipe.data.packing and "flash" not in impl and model_type in MASK_WITHOUT_POSITIONS:
+        raise UserError(
+            f"{recipe.source}: data.packing needs flash attention for {model_type} models (transformers builds their "
+            f"{impl} mask without the samples' positions, so packed samples would attend to each other); "
+            "set data.packing: false, or train on a GPU with flash-attn"
         )
     if recipe.data.packing and impl not in PACKING_SAFE_ATTENTION:
         raise UserError(
@@ -141,7 +197,7 @@ def bnb_4bit_config(quant_type: str, double_quant: bool, compute_dtype: Any, sto
     )
 
 
-def quantization_config(recipe: Recipe) -> Any:
+def quantization_config(recipe: Recipe, skip: list[str] | None = None) -> Any:
     """The recipe's 4-bit config; the packed weights are stored in the compute dtype when FSDP2/ZeRO-3
     must shard them (they only shard floating-point tensors), else in uint8 (bitsandbytes' default)."""
     q = recipe.quantization
@@ -156,7 +212,39 @@ def quantization_config(recipe: Recipe) -> Any:
         storage = compute if distributed.shards_parameters() else torch.uint8
     else:
         storage = getattr(torch, q.storage_dtype)
-    return bnb_4bit_config(q.quant_type, q.double_quant, compute, storage)
+    config = bnb_4bit_config(q.quant_type, q.double_quant, compute, storage)
+    config.llm_int8_skip_modules = skip
+    return config
+
+
+# The block bitsandbytes' 4-bit kernels quantize by: a layer with fewer outputs (a 1-wide expert gate) stays unquantized.
+SMALLEST_4BIT_OUTPUTS = 32
+
+
+def unquantized_modules(model: Any) -> list[str]:
+    """Modules QLoRA keeps in the compute dtype: what transformers keeps by default (the output layer, tied
+    weights), plus MoE routers and expert gates (ROUTER_NAMES) and Linear layers too small for 4-bit."""
+    import torch
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    own = [
+        name for name, mod in model.named_modules()
+        if isinstance(mod, torch.nn.Linear)
+        and (name.rsplit(".", 1)[-1] in ROUTER_NAMES or mod.out_features < SMALLEST_4BIT_OUTPUTS)
+    ]
+    return sorted({*get_keys_to_not_convert(model), *own})
+
+
+_UNQUANTIZED: dict[tuple[str, bool], list[str]] = {}
+
+
+def unquantized_modules_of(recipe: Recipe) -> list[str]:
+    """`unquantized_modules` of the recipe's model, counted once per process on the meta device. preflight asks
+    first: once the SFTConfig exists, its ZeRO-3 config would make transformers build the meta model as partitions."""
+    key = (recipe.model.name_or_path, recipe.model.trust_remote_code)
+    if key not in _UNQUANTIZED:
+        _UNQUANTIZED[key] = unquantized_modules(meta_model(recipe)[1])
+    return _UNQUANTIZED[key]
 
 
 def check_cpu_4bit(model: Any, where: str) -> None:
@@ -172,15 +260,51 @@ def check_cpu_4bit(model: Any, where: str) -> None:
             )
 
 
-def lora_config(recipe: Recipe) -> Any:
+# Leaf names of MoE routers and expert gates: never LoRA targets, never quantized (peers keep them in full precision:
+# a 4-bit router misroutes tokens, and a LoRA on it shifts the load balance the aux loss keeps).
+ROUTER_NAMES = ("gate", "router", "shared_expert_gate")
+
+
+def is_moe(config: Any) -> bool:
+    """A mixture-of-experts model: transformers gives every MoE config `output_router_logits`."""
+    return hasattr(config.get_text_config(), "output_router_logits")
+
+
+def moe_linear_targets(model: Any) -> list[str]:
+    """`all-linear` on an MoE model: every Linear/Conv1D but the output layer and the routers, and but those
+    peft's transformers-v5 remap would move onto the fused experts (deepseek's dense MLP shares their names).
+
+    peft's own `all-linear` adds the routers and the fused expert parameters (as parameters, which refuse
+    lora.dropout != 0); the experts are targeted by lora.target_parameters instead (docs/architectures.md)."""
+    import torch
+    from peft import LoraConfig
+    from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings()
+    names = sorted(
+        name for name, mod in model.named_modules()
+        if isinstance(mod, (torch.nn.Linear, Conv1D)) and mod is not head and name.rsplit(".", 1)[-1] not in ROUTER_NAMES
+    )
+    probe = LoraConfig(target_modules=names, task_type="CAUSAL_LM")
+    convert_peft_config_for_transformers(probe, model=model, conversions=None)  # the remap get_peft_model applies
+    return sorted(set(probe.target_modules or ()))
+
+
+def lora_config(recipe: Recipe, model: Any = None) -> Any:
+    """peft's LoraConfig of the recipe; `all-linear` on an MoE `model` is resolved by `moe_linear_targets`."""
     from peft import LoraConfig
 
     lc = recipe.lora
+    targets = lc.target_modules
+    if targets == "all-linear" and model is not None and is_moe(unwrapped(model).config):
+        targets = moe_linear_targets(unwrapped(model))
     return LoraConfig(
         r=lc.r,
         lora_alpha=lc.alpha,
         lora_dropout=lc.dropout,
-        target_modules=lc.target_modules,
+        target_modules=targets,
+        target_parameters=lc.target_parameters,
         use_dora=lc.use_dora,
         use_rslora=lc.use_rslora,
         task_type="CAUSAL_LM",
@@ -251,7 +375,7 @@ def with_lora(model: Any, recipe: Recipe) -> Any:
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. fan_in_fan_out notes for Conv1D: this is a count, not a run
         try:
-            return get_peft_model(model, lora_config(recipe))
+            return get_peft_model(model, lora_config(recipe, model))
         except ValueError as e:
             raise UserError(f"{recipe.source}: lora: {str(e).splitlines()[0]}") from None
 
@@ -274,17 +398,18 @@ def load_model(recipe: Recipe, tokenizer: Any) -> Any:
     check_context(recipe, load_config(recipe))
     kwargs: dict[str, Any] = {
         "dtype": resolve_dtype(m.dtype, f"{recipe.source}: model.dtype", trainable=recipe.method == "full"),
-        "attn_implementation": resolve_attention(recipe),
+        "attn_implementation": resolve_attention(recipe, say=True),
         "trust_remote_code": m.trust_remote_code,
     }
     if recipe.method == "qlora":
-        kwargs["quantization_config"] = quantization_config(recipe)
+        kwargs["quantization_config"] = quantization_config(recipe, unquantized_modules_of(recipe))
         kwargs["dtype"] = kwargs["quantization_config"].bnb_4bit_compute_dtype
     model = AutoModelForCausalLM.from_pretrained(
         m.name_or_path, use_safetensors=require_safetensors(m.name_or_path), **kwargs
     )
     if recipe.method == "qlora" and not has_cuda():
         check_cpu_4bit(model, m.name_or_path)
+    mark_zero3_leaf_modules(model)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # weight.shape is 0 under ZeRO-3
         # Pad to a multiple of 64: matmuls on the embedding/LM head run faster on GPUs.
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64, mean_resizing=False)
@@ -298,6 +423,22 @@ def load_model(recipe: Recipe, tokenizer: Any) -> Any:
             eos.insert(0, tokenizer.eos_token_id)
         gc.eos_token_id = eos[0] if len(eos) == 1 else eos
     return model
+
+
+def mark_zero3_leaf_modules(model: Any) -> None:
+    """Under ZeRO-3, each sparse MoE block is gathered whole (DeepSpeed's leaf modules, as LLaMA-Factory does):
+    ranks that route their tokens to different experts would otherwise wait on each other's gathers and hang."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    from sftdist.moe import sparse_block_classes
+
+    blocks = sparse_block_classes(model) if is_deepspeed_zero3_enabled() else []
+    if blocks:
+        from deepspeed.utils import set_z3_leaf_modules
+
+        set_z3_leaf_modules(model, blocks)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"sftdist: ZeRO-3 gathers each {', '.join(c.__name__ for c in blocks)} whole (leaf module)", flush=True)
 
 
 def unwrapped(model: Any) -> Any:

@@ -124,6 +124,7 @@ class ModelCounts:
     vocab: int
     lora_inputs: int  # in_features summed over the LoRA-wrapped linears of one layer
     lora_modules: int
+    active: int = 0  # parameters one token goes through (MoE: top-k of the routed experts); = total when dense
 
 
 @dataclass(frozen=True)
@@ -260,13 +261,15 @@ def _check_size_fields(config: object) -> None:
 
 
 def _bnb_4bit_weights(model: object) -> set[int]:
-    """ids of the weights transformers' replace_with_bnb_linear would store in 4 bits (Linear/Conv1D but the head)."""
+    """ids of the weights transformers' replace_with_bnb_linear would store in 4 bits (Linear/Conv1D but those
+    QLoRA keeps in the compute dtype: the head, MoE routers, layers too small for 4-bit)."""
     import torch
     from transformers.pytorch_utils import Conv1D
-    from transformers.quantizers.base import get_keys_to_not_convert
     from transformers.quantizers.quantizers_utils import should_convert_module
 
-    skip = get_keys_to_not_convert(model)
+    from sftdist.model import unquantized_modules
+
+    skip = unquantized_modules(model)
     return {
         id(module.weight)
         for name, module in model.named_modules()
@@ -277,6 +280,7 @@ def _bnb_4bit_weights(model: object) -> set[int]:
 def count_model(recipe: Recipe) -> ModelCounts:
     """Build the recipe's model on the meta device, mark its 4-bit weights, wrap it with LoRA, and count."""
     from sftdist.model import meta_model, with_lora
+    from sftdist.moe import active_parameters
 
     config, model = meta_model(recipe)
     _check_size_fields(config)
@@ -319,6 +323,7 @@ def count_model(recipe: Recipe) -> ModelCounts:
         vocab=tc.vocab_size,
         lora_inputs=sum(lora_in),
         lora_modules=len(lora_in),
+        active=active_parameters(model),
     )
 
 
@@ -579,6 +584,8 @@ def format_plan(plan: Plan) -> str:
         trained = f"{_count(k.total)} parameters, all trained"
     else:
         trained = f"{_count(k.total - k.trainable)} parameters + {_count(k.trainable)} trained LoRA parameters"
+    if k.active and k.active != k.total:  # MoE: compute follows the active parameters, memory the total
+        trained += f"; {_count(k.active)} active per token"
     sp = f", each split over {w.sequence_parallel} GPUs (sequence_parallel)" if w.sequence_parallel > 1 else ""
     shipped = k.config_source != r.model.name_or_path
     lines = [

@@ -14,7 +14,9 @@ from typing import Any
 
 from sftdist import save_dtype
 from sftdist.errors import UserError
-from sftdist.model import check_context, load_config, meta_model, resolve_attention, with_lora
+from sftdist.model import (
+    check_context, load_config, meta_model, resolve_attention, unquantized_modules_of, with_lora,
+)
 from sftdist.recipe import Recipe, train_kwargs, typed_train
 from sftdist.units import parse_size
 
@@ -93,6 +95,9 @@ def check_values(recipe: Recipe) -> None:
             raise UserError(f"{src}: lora.alpha is {lc.alpha}; expected a positive number (the adapter's scale)")
         if not 0 <= lc.dropout < 1:
             raise UserError(f"{src}: lora.dropout is {lc.dropout}; expected 0 <= x < 1")
+        if lc.target_parameters and lc.dropout:
+            raise UserError(f"{src}: lora.target_parameters needs lora.dropout: 0 (peft adapts parameters without "
+                            f"dropout); got {lc.dropout}")
         if not lc.target_modules:
             raise UserError(f"{src}: lora.target_modules is empty; expected all-linear or a list of module names")
     check_shard_size(recipe.max_shard_size, f"{src}: max_shard_size")
@@ -178,7 +183,9 @@ def check_recipe(recipe: Recipe) -> None:
     config = load_config(recipe)
     check_context(recipe, config)
     check_sequence_parallel(recipe, config)
-    resolve_attention(recipe)
+    resolve_attention(recipe, config)
+    if recipe.method == "qlora":
+        unquantized_modules_of(recipe)  # counted now, before a ZeRO-3 SFTConfig exists (see there)
     if recipe.method in ("lora", "qlora"):
         hidden = getattr(config.get_text_config(), "hidden_size", None)
         if isinstance(hidden, int) and recipe.lora.r > hidden:

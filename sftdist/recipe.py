@@ -64,7 +64,8 @@ class ModelConfig:
     # auto | bfloat16 | float16 | float32; auto: fp32 weights with bf16 autocast for full SFT on GPUs, bf16 for a
     # frozen LoRA base on GPUs, fp32 on CPU.
     dtype: str = "auto"
-    # "auto": flash_attention_2 when installed on CUDA, else sdpa (both isolate packed samples).
+    # "auto": the first of flash_attention_2, sdpa, eager that this machine runs and the model class implements
+    # (all keep packed samples apart; model.AUTO_ATTENTION).
     attn_implementation: str = "auto"
     # Run the model repository's own Python code; off unless you trust it.
     trust_remote_code: bool = False
@@ -80,6 +81,9 @@ class LoraConfig:
     dropout: float = 0.05
     # "all-linear" covers nn.Linear and GPT-2's Conv1D, except the output layer.
     target_modules: str | list[str] = "all-linear"
+    # peft's target_parameters: parameters (not modules) to adapt, e.g. an MoE's fused experts
+    # ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]; peft wraps them only with dropout: 0.
+    target_parameters: list[str] | None = None
     use_dora: bool = False
     use_rslora: bool = False
 

@@ -133,12 +133,13 @@ def baseline(recipe: Recipe, tokenizer: Any, data: Any, warmup: int) -> dict[str
         "include_num_input_tokens_seen": "non_padding",  # a counter for the tokens/s, as sftdist's runs keep it
     })
     watch = probes.MemoryWatch(args.device).start()
+    model = load_model(recipe, tokenizer)
     trainer = SFTTrainer(
-        model=load_model(recipe, tokenizer),
+        model=model,
         args=args,
         train_dataset=unpacked_samples(data),
         processing_class=tokenizer,
-        peft_config=lora_config(recipe) if recipe.method in ("lora", "qlora") else None,
+        peft_config=lora_config(recipe, model) if recipe.method in ("lora", "qlora") else None,
     )
     throughput.install(trainer, data)
     trainer.train()

@@ -124,6 +124,10 @@ def flops_per_token(model: Any, loss_share: float, mean_keys: float) -> FlopsPer
             head_flops = flops * loss_share
         else:
             linear += flops
+    from sftdist.moe import expert_parameters, numel
+
+    for p, share in expert_parameters(model):  # MoE: only the top-k routed experts compute for a token
+        linear += (6 if p.requires_grad else 4) * numel(p) * share
     cfg = model.config.get_text_config()
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     attention = 12.0 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim * mean_keys

@@ -80,7 +80,7 @@ def build_trainer(recipe: Recipe, args: Any, tokenizer: Any, data: Prepared, mod
             train_dataset=data.train,
             eval_dataset=data.eval,
             processing_class=tokenizer,
-            peft_config=lora_config(recipe) if recipe.method in ("lora", "qlora") else None,
+            peft_config=lora_config(recipe, model) if recipe.method in ("lora", "qlora") else None,
         )
     except ValueError as e:  # the Trainer's own checks of its settings, made when it is built
         raise UserError(f"{recipe.source}: the trainer refuses these train settings ({str(e).splitlines()[0]})") from None

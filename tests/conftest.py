@@ -36,6 +36,15 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def families(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> dict[str, Path]:
+    """One tiny random model per architecture of tests/families.py, with the tiny model's tokenizer, built once."""
+    from families import build_families
+    from transformers import AutoTokenizer
+
+    return build_families(tmp_path_factory.mktemp("families"), AutoTokenizer.from_pretrained(tiny_model))
+
+
+@pytest.fixture(scope="session")
 def demo_rows(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """64 demo rows, copied once so that every launched run of the session reads the same bytes."""
     path = tmp_path_factory.mktemp("data") / "train.jsonl"
