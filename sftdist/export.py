@@ -150,6 +150,13 @@ def _write_full_model(ckpt: Path, kind: str, tmp: Path, max_shard_size: str) -> 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     state = consolidated_state_dict(ckpt, kind)
+    expected = model.state_dict()
+    for name, tensor in state.items():
+        if name in expected and tuple(tensor.shape) != tuple(expected[name].shape):
+            raise UserError(
+                f"{ckpt}: weight {name} has shape {tuple(tensor.shape)}, but config.json gives "
+                f"{tuple(expected[name].shape)}; the weights and config.json are of different models"
+            )
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     still_missing = [k for k in missing if getattr(model.get_parameter(k), "is_meta", False)]

@@ -122,7 +122,13 @@ def build_beside(dest: Path, replace: bool = False, shared_by: str | None = None
 def check_new_dir(dest: Path, what: str) -> None:
     """Refuse, before any work, a `dest` that `build_beside` could not fill: a file or a non-empty
     directory, a mount point (the final rename onto it fails with EBUSY), or a place this process
-    cannot write in (a read-only file system, no permission)."""
+    cannot write in (a read-only file system, no permission), or a symbolic link (the rename would
+    fail on it, or replace the link rather than fill what it points to)."""
+    if dest.is_symlink():
+        raise UserError(
+            f"{what} {dest}: is a symbolic link (to {os.readlink(dest)}), which the result (built beside it, then "
+            "renamed) cannot fill; pass the directory it points to, or a new one"
+        )
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise UserError(f"{what} {dest}: exists and is not empty; choose a new directory")
     if dest.is_dir() and os.path.ismount(dest):
