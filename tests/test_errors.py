@@ -776,6 +776,40 @@ def c35_template_refusal_names_the_recipes_chat_template(d, ctx):
         "data.jsonl line 1", "data.chat_template chatml does not render reasoning", "another that does")
 
 
+# --- selftest: its command line, --out, --work and --size checked before anything is written ---------------
+@case
+def c35_selftest_num_processes_under_single(d, ctx):
+    return ["selftest", "--num-processes", "2"], ("--num-processes 2", "--strategy single", "--strategy ddp")
+
+
+@case
+def c35_selftest_peak_tflops_nan(d, ctx):
+    return ["selftest", "--peak-tflops", "nan"], ("--peak-tflops nan", "finite number")
+
+
+@case
+def c35_selftest_out_on_read_only_file_system(d, ctx):
+    argv = ["selftest", "--steps", "2", "--out", str(d / "ro" / "reports" / "r.json")]
+    return Mounted(argv, d / "ro", read_only=True), ("--out", "ro/reports/r.json", "read-only file system")
+
+
+@case
+def c35_selftest_config_with_invalid_fields(d, ctx):
+    config = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 1,
+              "num_attention_heads": 0}  # fmt: skip
+    (d / "cfg").mkdir()
+    (d / "cfg" / "config.json").write_text(json.dumps(config))
+    return ["selftest", "--size", str(d / "cfg" / "config.json")], ("config cfg-", "not a config transformers knows")
+
+
+@case
+def c35_selftest_work_with_truncated_weights(d, ctx):
+    shutil.copytree(ctx.tiny, d / "work" / "models" / "tiny")
+    cut_short(d / "work" / "models" / "tiny" / "model.safetensors")
+    return ["selftest", "--work", str(d / "work")], (
+        "--work", "models/tiny/model.safetensors", "not a whole safetensors file", "selftest writes it again")
+
+
 # --- a run that succeeds with dropped rows: one warning line per source, with counts -----------------
 def dropped_rows_run(d: Path, ctx: Ctx) -> list[str]:
     empty = jsonl(d / "some-empty.jsonl", [GOOD, {**GOOD, "response": ""}, GOOD, {**GOOD, "response": " "}, {**GOOD, "response": ""}])
