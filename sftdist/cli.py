@@ -46,7 +46,7 @@ def train(recipe: str, overrides: tuple[str, ...], no_resume: bool, overwrite: b
     """Train RECIPE in this process (run it under `sftdist launch` or `accelerate launch` for several)."""
     from sftdist import preemption
 
-    preemption.install()  # first: a preemption during the imports and loading below must still exit 75
+    preemption.install()  # first: a preemption during the imports and loading below must still stop cleanly
     from sftdist.recipe import load_recipe
     from sftdist.train import run_training
 

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sftdist import checkpoint, distributed, fast_head, preflight, seqpar, throughput
+from sftdist import checkpoint, distributed, fast_head, preemption, preflight, seqpar, throughput
 from sftdist.errors import EXIT_PREEMPTED, UserError
 from sftdist.recipe import Recipe, accumulation, train_kwargs, typed_train
 from sftdist.resume import data_fingerprint, planned
@@ -120,6 +120,7 @@ def run_training(recipe: Recipe, resume: bool = True, overwrite: bool = False) -
         model = load_model(recipe, tokenizer())
         trainer = build_trainer(recipe, args, tokenizer(), data, model)
         trainer.sftdist_facts = facts
+        preemption.stop_if_requested("before training")  # output_dir is claimed next: nothing there blocks a rerun
         resume_from = checkpoint.claim_output_dir(trainer, recipe, claim, data.report)
     state = distributed.verified_state(trainer)
     if trainer.is_world_process_zero():

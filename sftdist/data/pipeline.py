@@ -30,6 +30,7 @@ from sftdist.data.formats import SELECT_FORMATS, render_rows
 from sftdist.data.load import iter_source
 from sftdist.data.mix import split_and_weight
 from sftdist.data.notices import source_warnings
+from sftdist import preemption
 from sftdist.errors import UserError
 from sftdist.recipe import Recipe, SourceConfig
 
@@ -212,6 +213,7 @@ def _encode_source(
     start, writer = time.perf_counter(), None
     try:
         for done in _encoded_chunks(src, recipe, encoder):
+            preemption.stop_if_requested("while preparing the data")  # the partial entry is removed on the way out
             if report is None:
                 report = SourceReport(done.where, role, source_format(src, done.format), done.format)
             report.rows += done.rows
