@@ -303,8 +303,8 @@ def run_launch(launch: Launch) -> int:
             print(f"sftdist launch: stopped by {e.sigval.name} after the workers saved {saved}; run the same command "
                   "again to resume", file=sys.stderr)
             return EXIT_PREEMPTED
-        print(f"sftdist launch: stopped by {e.sigval.name} before training saved anything; run the same command "
-              "again to start", file=sys.stderr)
+        print(f"sftdist launch: stopped by {e.sigval.name} before this launch saved a checkpoint; run the same "
+              "command again", file=sys.stderr)
         return 128 + int(e.sigval)
     except ConnectionError as e:
         raise UserError(str(e).splitlines()[0]) from None

@@ -50,6 +50,11 @@ def requested() -> bool:
     return _stop.requested
 
 
+def stop_requested() -> bool:
+    """Whether SIGTERM or Ctrl-C asked this process to stop (SIGUSR1 asks for a checkpoint instead)."""
+    return _stop.stop_signum is not None
+
+
 def stop_if_requested(during: str) -> None:
     """Stop now, before training has saved anything, when Ctrl-C or SIGTERM asked: exit 128 + the signal (130,
     143), not `EXIT_PREEMPTED`, which promises a checkpoint to resume from. Called between the steps that
@@ -64,6 +69,6 @@ def stop_if_requested(during: str) -> None:
     import sys
 
     if os.environ.get("WORLD_SIZE", "1") == "1":
-        print(f"sftdist: stopped by {signal.Signals(signum).name} {during}, before training saved anything; run the "
-              "same command again to start", file=sys.stderr, flush=True)
+        print(f"sftdist: stopped by {signal.Signals(signum).name} {during}, before training began; nothing of it was "
+              "saved: run the same command again", file=sys.stderr, flush=True)
     raise SystemExit(128 + signum)
