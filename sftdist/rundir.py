@@ -136,6 +136,12 @@ def check_new_dir(dest: Path, what: str) -> None:
             f"{what} {dest}: is a mount point, which the result (built beside it, then renamed) cannot replace; "
             "choose a new directory inside it"
         )
+    check_writable_place(dest, what)
+
+
+def check_writable_place(dest: Path, what: str) -> None:
+    """Refuse a `dest` (file or directory) that this process cannot create: its nearest existing parent is
+    not a directory, not writable, or on a read-only file system."""
     parent = next(p for p in (dest.parent, *dest.parent.parents) if p.exists())
     if not (parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)):
         why = "not a directory" if not parent.is_dir() else "permission denied"

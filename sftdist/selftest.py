@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from sftdist import rundir
 from sftdist.errors import EXIT_PREEMPTED, UserError
 from sftdist.rundir import write_json_atomic
 
@@ -107,12 +108,7 @@ def check_options(o: Options) -> None:
         out = Path(o.out).expanduser()
         if out.is_dir():
             raise UserError(f"--out {out}: is a directory; expected the path of the JSON report file")
-        parent = next(p for p in (out.parent, *out.parent.parents) if p.exists())
-        if not (parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)):
-            why = "not a directory" if not parent.is_dir() else "permission denied"
-            if parent.is_dir() and os.statvfs(parent).f_flag & os.ST_RDONLY:
-                why = "read-only file system"
-            raise UserError(f"--out {out}: cannot be written in {parent} ({why}); choose a writable place")
+        rundir.check_writable_place(out, "--out")
 
 
 def plan_estimate(recipe_path: Path, o: Options, gpus: int, config_dir: Path | None = None) -> Any:
