@@ -128,6 +128,20 @@ class Claim:
     model_only: bool = False  # the checkpoint holds no optimizer state (train.save_only_model)
 
 
+def _finished_global_batch(path: Path) -> int | None:
+    """The global batch a finished run recorded in its run file (None: recorded before it was)."""
+    try:
+        batch = json.loads(path.read_text(encoding="utf-8"))["distributed"].get("global_batch")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        batch = ""
+    if batch is not None and (not isinstance(batch, int) or isinstance(batch, bool)):
+        raise UserError(
+            f"{path}: is not the run file sftdist wrote (a JSON object whose distributed.global_batch is a number); "
+            "restore it, or pass --no-resume to train the run again"
+        )
+    return batch
+
+
 def decide(recipe: Recipe, facts: dict[str, Any], resume: bool, overwrite: bool) -> Claim:
     """What to do with output_dir for this run (`facts`: resume.planned), or a UserError saying why not."""
     out = Path(recipe.output_dir)
@@ -150,7 +164,7 @@ def decide(recipe: Recipe, facts: dict[str, Any], resume: bool, overwrite: bool)
             f"{out}: output_dir holds {what}; choose another output_dir, or pass --overwrite to replace it"
         )
     if resume and (out / RUN_INFO).is_file() and (out / FINAL_DIR).is_dir():
-        trained = json.loads((out / RUN_INFO).read_text(encoding="utf-8"))["distributed"].get("global_batch")
+        trained = _finished_global_batch(out / RUN_INFO)
         if trained not in (None, facts["global_batch"]):
             raise UserError(
                 f"{out}: holds a finished run of this recipe trained with a global batch of {trained}; this run's "

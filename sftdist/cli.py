@@ -50,7 +50,7 @@ def train(recipe: str, overrides: tuple[str, ...], no_resume: bool, overwrite: b
     """Train RECIPE in this process (run it under `sftdist launch` or `accelerate launch` for several)."""
     from sftdist import preemption
 
-    preemption.install()  # first: a preemption during the imports and loading below must still exit 75
+    preemption.install()  # first: a preemption during the imports and loading below must still stop cleanly
     import os
 
     from sftdist.launcher import build_launch, one_process_choice, run_launch, visible_gpus

@@ -67,9 +67,13 @@ def rank_zero_only(args: Any, fn: Callable[[], T]) -> T | None:
             result = fn()
         except UserError as e:
             error, outcome = e, [str(e)]
+        except SystemExit as e:  # a signal stopped it (preemption.stop_if_requested): every rank stops alike
+            error, outcome = e, [e.code]
     dist.broadcast_object_list(outcome, src=0)
     if error is not None:
         raise error
+    if isinstance(outcome[0], int):
+        raise SystemExit(outcome[0])
     if outcome[0] is not None:
         raise UserError(outcome[0], shown_elsewhere=True)
     return result

@@ -181,6 +181,14 @@ def _write_full_model(ckpt: Path, kind: str, tmp: Path, max_shard_size: str) -> 
     config = AutoConfig.from_pretrained(ckpt)
     state = consolidated_state_dict(ckpt, kind)
     check_finite(ckpt, state)
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
+    for name, tensor in state.items():  # names in another layout (MoE experts on disk) are converted below
+        if name in expected and tuple(tensor.shape) != expected[name]:
+            raise UserError(
+                f"{ckpt}: weight {name} has shape {tuple(tensor.shape)}, but config.json gives "
+                f"{expected[name]}; the weights and config.json are of different models"
+            )
     # transformers' own loading, which converts the hub's on-disk layout (save_pretrained writes MoE experts one
     # by one) into the in-memory one (fused experts) with its conversion mapping; ZeRO/FSDP shards hold the
     # in-memory names, which pass through. The weights keep their dtype (ZeRO's are the fp32 masters).

@@ -10,6 +10,7 @@ file) are scored by exact match (sftdist.metrics, as `sftdist eval` scores them)
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -26,6 +27,12 @@ class Prompt:
     text: str  # what is shown
     ids: list[int]
     reference: str | None = None
+
+
+_SIZE_MISMATCH = re.compile(
+    r"size mismatch for (?P<name>\S+): copying a param with shape torch\.Size\((?P<got>\[[^]]*\])\) from checkpoint, "
+    r"the shape in current model is torch\.Size\((?P<want>\[[^]]*\])\)"
+)
 
 
 def check_loadable(model_dir: str) -> None:
@@ -79,7 +86,16 @@ def load_for_generation(model_dir: str, device: str = "cpu", dtype: str = "float
     if (p / ADAPTER_CONFIG).is_file():
         from peft import AutoPeftModelForCausalLM
 
-        model = AutoPeftModelForCausalLM.from_pretrained(str(p), **kwargs)
+        try:
+            model = AutoPeftModelForCausalLM.from_pretrained(str(p), **kwargs)
+        except RuntimeError as e:  # torch's load_state_dict lists every mismatch; the first says it all
+            m = _SIZE_MISMATCH.search(str(e))
+            if m is None:
+                raise
+            raise UserError(
+                f"{p / ADAPTER_WEIGHTS}: {m['name']} has shape {m['got']}, but its base model "
+                f"({p / ADAPTER_CONFIG} base_model_name_or_path) needs {m['want']}; the adapter was trained on another model"
+            ) from None
     else:
         model = AutoModelForCausalLM.from_pretrained(str(p), use_safetensors=require_safetensors(str(p)), **kwargs)
     tok = AutoTokenizer.from_pretrained(str(p))

@@ -16,6 +16,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,7 @@ class Launch:
     env: dict[str, str] = field(default_factory=dict)
     kind: str = "single"
     note: str = ""  # what --strategy auto chose and why
+    output_dir: str = ""  # the recipe's: where a stopped launch looks for the checkpoint its workers saved
 
     @property
     def command(self) -> list[str]:
@@ -290,7 +292,7 @@ def build_launch(
         env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", DEFAULT_SHUTDOWN_TIMEOUT)
     train_args = [a for o in overrides for a in ("--set", o)] + list(train_flags)
     argv += [*accelerate_args, "-m", "sftdist", *(command or ["train", recipe, *train_args])]
-    return Launch(argv=argv, env=env, kind=kind, note=note)
+    return Launch(argv=argv, env=env, kind=kind, note=note, output_dir=loaded.output_dir)
 
 
 def _check_resumable_here(recipe: Recipe, world_size: int) -> None:
@@ -319,6 +321,14 @@ def _forward_to_children(signum: int, frame: object) -> None:
             pass
 
 
+def _saved_since(output_dir: str, start: float) -> str | None:
+    """The checkpoint of output_dir that was completed (its marker written) since `start`, if any."""
+    from sftdist.rundir import COMPLETE_MARKER
+
+    markers = [m for m in Path(output_dir).glob(f"checkpoint-*/{COMPLETE_MARKER}") if m.stat().st_mtime >= start]
+    return max(markers, key=lambda m: m.stat().st_mtime).parent.name if output_dir and markers else None
+
+
 def _exit_code(code: int) -> int:
     return 128 - code if code < 0 else code
 
@@ -340,6 +350,7 @@ def run_launch(launch: Launch) -> int:
     # Ctrl-C already reaches the training process (same process group); wait for it to save and exit.
     signal.signal(signal.SIGINT, lambda signum, frame: None)
     args = launch_command_parser().parse_args(launch.argv)
+    started = time.time()
     try:
         launch_command(args)
     except ChildFailedError as e:
@@ -351,10 +362,15 @@ def run_launch(launch: Launch) -> int:
     except subprocess.CalledProcessError as e:
         return _exit_code(e.returncode) or 1
     except SignalException as e:
-        # Ctrl-C reaches the workers too (one process group): like a scheduler's signal, they checkpoint and stop.
-        if e.sigval in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
-            print(f"sftdist launch: stopped by {e.sigval.name}; the workers were asked to checkpoint", file=sys.stderr)
+        # Ctrl-C reaches the workers too (one process group): like a scheduler's signal, they checkpoint and stop,
+        # or, before training has begun, stop without writing anything. torchrun has waited for them by now.
+        saved = _saved_since(launch.output_dir, started)
+        if saved is not None:
+            print(f"sftdist launch: stopped by {e.sigval.name} after the workers saved {saved}; run the same command "
+                  "again to resume", file=sys.stderr)
             return EXIT_PREEMPTED
+        print(f"sftdist launch: stopped by {e.sigval.name} before this launch saved a checkpoint; run the same "
+              "command again", file=sys.stderr)
         return 128 + int(e.sigval)
     except ConnectionError as e:
         raise UserError(str(e).splitlines()[0]) from None

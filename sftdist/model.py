@@ -350,6 +350,13 @@ def check_weights(model_dir: Path) -> None:
             sio.tensor_specs(shard)
 
 
+def check_local_weights(name_or_path: str) -> None:
+    """`check_weights` for a local model directory (a hub id's weights are the hub's and its cache's business)."""
+    p = Path(name_or_path).expanduser()
+    if p.is_dir():
+        check_weights(p)
+
+
 def meta_model(recipe: Recipe) -> tuple[Any, Any]:
     """(config, model) with every tensor on the meta device: shapes only, no weights read or allocated.
     What preflight checks LoRA's target modules on and the planner counts parameters of."""

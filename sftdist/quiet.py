@@ -42,6 +42,9 @@ def silence_libraries() -> None:
     # torchrun's agent logs every failed worker with its own ERROR line; `sftdist launch` reports the exit
     # code itself, and a worker's user error is already its one `error:` line.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    # Its agent's module logger sets its own level when created (and warns "Received 15 death signal, shutting
+    # down workers" when a launch is stopped, which `sftdist launch` reports itself): a filter stays.
+    logging.getLogger("torch.distributed.elastic.agent.server.api").addFilter(_BelowError())
     for category in (FutureWarning, DeprecationWarning):
         warnings.filterwarnings("ignore", category=category)
     warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False")  # peft, on GPT-2's Conv1D

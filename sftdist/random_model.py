@@ -77,34 +77,70 @@ def ensure_model(size: str, out: Path, seed: int = 0) -> None:
         write_model(_config_of(size)[1], out, seed)
 
 
+def _config(fields: dict[str, Any], tokenizer: Any, name: str) -> Any:
+    """The transformers config of `fields`, with the embedded tokenizer's special ids and vocabulary."""
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import AutoConfig
+
+    fields = dict(fields)
+    try:
+        config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    except (ValueError, TypeError, KeyError, ArithmeticError, StrictDataclassError) as e:  # 0 heads: ZeroDivisionError
+        raise UserError(f"config {name}: not a config transformers knows ({_first_line(e)})") from None
+    text = config.get_text_config()
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(text, key, getattr(tokenizer, key))
+    text.vocab_size = max(text.vocab_size, len(tokenizer))
+    return config
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[-1] if lines else type(e).__name__  # hub's validation errors put the reason last
+
+
+def _build(config: Any, name: str, **kwargs: Any) -> Any:
+    """The causal LM of `config` (on the current torch device); a config whose fields cannot build one is one line."""
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_config(config, **kwargs)
+    except (ValueError, KeyError, TypeError, ArithmeticError, StrictDataclassError) as e:
+        raise UserError(f"config {name}: cannot build a causal LM from it ({_first_line(e)})") from None
+
+
+def write_config(size: str, out: Path) -> None:
+    """Only the config.json that `ensure_model` would write, its model built on the meta device (which checks
+    its fields): what the planner needs, before gigabytes of weights are written."""
+    import torch
+
+    from sftdist.tiny import build_tokenizer
+
+    config = _config(_config_of(size)[1], build_tokenizer(0), out.name)
+    with torch.device("meta"):
+        _build(config, out.name)
+    out.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(out)
+
+
 def write_model(fields: dict[str, Any], out: Path, seed: int = 0) -> None:
     """Draw bf16 weights for the config `fields` and write them with the embedded tokenizer into `out`."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import GenerationConfig
 
     from sftdist.tiny import build_tokenizer
 
     tokenizer = build_tokenizer(seed)
-    fields = dict(fields)
-    try:
-        config = AutoConfig.for_model(fields.pop("model_type"), **fields)
-    except (ValueError, TypeError, KeyError) as e:
-        raise UserError(f"config {out.name}: not a config transformers knows ({str(e).splitlines()[0]})") from None
+    config = _config(fields, tokenizer, out.name)
     ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
            "pad_token_id": tokenizer.pad_token_id}  # fmt: skip
-    text = config.get_text_config()
-    for key, value in ids.items():
-        setattr(text, key, value)
-    text.vocab_size = max(text.vocab_size, len(tokenizer))
-    context = getattr(text, "max_position_embeddings", None)
+    context = getattr(config.get_text_config(), "max_position_embeddings", None)
     if isinstance(context, int):
         tokenizer.model_max_length = context
     torch.manual_seed(seed)
-    try:
-        with torch.device("cpu"):  # never a GPU: see the module's docstring
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    except (ValueError, KeyError) as e:
-        raise UserError(f"config {out.name}: cannot build a causal LM from it ({str(e).splitlines()[0]})") from None
+    with torch.device("cpu"):  # never a GPU: see the module's docstring
+        model = _build(config, out.name, dtype=torch.bfloat16)
     model.generation_config = GenerationConfig(**ids)
     with build_beside(out, replace=True) as tmp:
         model.save_pretrained(tmp, max_shard_size="5GB")

@@ -247,11 +247,16 @@ def accumulation(recipe: Recipe, world_size: int) -> int:
     if dp and n % (b * dp) == 0 and world_size % sp == 0:
         return n // (b * dp)
     per_group = f" ({sp} per sample: sequence_parallel)" if sp > 1 else ""
-    works = [str(d * sp) for d in range(1, n // b + 1) if (n // b) % d == 0]
+    # The divisors of n // b up to a bound: a huge global_batch_size (1e12) would be searched for hours.
+    works = [str(d * sp) for d in range(1, min(n // b, _MAX_LISTED_GROUPS) + 1) if (n // b) % d == 0]
+    more = ", ..." if n // b > _MAX_LISTED_GROUPS else ""
     raise UserError(
         f"{src}: global_batch_size {n} with per_device_train_batch_size {b} needs a number of processes{per_group} "
-        f"whose data-parallel share divides {n // b}: {', '.join(works)}; got {world_size}"
+        f"whose data-parallel share divides {n // b}: {', '.join(works)}{more}; got {world_size}"
     )
+
+
+_MAX_LISTED_GROUPS = 1024  # data-parallel group counts listed when global_batch_size does not divide
 
 
 def _canonical(train: dict[str, Any]) -> dict[str, Any]:

@@ -215,6 +215,7 @@ def to_universal(ckpt: Path) -> float | None:
     out = ckpt / f"{tag}{UNIVERSAL_SUFFIX}"
     took = None
     if not (out.is_dir() and rundir.check_manifest(out) is None):
+        _check_space_to_convert(ckpt, tag)  # before build_beside deletes a stale or damaged conversion
         start = time.perf_counter()
         workers = max(1, min(8, len(os.sched_getaffinity(0))))
         with rundir.build_beside(out, replace=True) as tmp:
@@ -223,13 +224,57 @@ def to_universal(ckpt: Path) -> float | None:
             cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt / tag),
                    "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", str(workers),
                    "--num_merge_workers", str(max(1, workers // 2))]
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode:
-                raise RuntimeError(f"converting {ckpt / tag} to a universal checkpoint failed:\n{done.stderr[-3000:]}")
+            code, stderr = _run_stoppable(cmd, f"while converting {ckpt / tag} to a universal checkpoint")
+            if code:
+                if _nearly_full(tmp) or "No space left on device" in stderr:  # before the partial copy is deleted
+                    raise UserError(
+                        f"{ckpt}: no space left on device while converting its ZeRO checkpoint to universal (for "
+                        "another number of processes); free some space and run again, or resume on the number of "
+                        "processes that wrote it"
+                    )
+                raise RuntimeError(f"converting {ckpt / tag} to a universal checkpoint failed:\n{stderr[-3000:]}")
             rundir.write_manifest(tmp)
         took = time.perf_counter() - start
     rundir.write_text_atomic(ckpt / "latest_universal", out.name)
     return took
+
+
+def _check_space_to_convert(ckpt: Path, tag: str) -> None:
+    """The universal copy holds what the ZeRO partitions hold (fp32 weights and both Adam moments), so about
+    their size must be free beside them; refused in one line before anything is written or deleted."""
+    import shutil
+
+    need = sum(f.stat().st_size for f in (ckpt / tag).rglob("*") if f.is_file())
+    free = shutil.disk_usage(ckpt).free
+    if free < need:
+        raise UserError(
+            f"{ckpt}: converting its ZeRO checkpoint to universal (for another number of processes) needs about "
+            f"{need / (1 << 30):.2f} GiB free beside it, and {free / (1 << 30):.2f} GiB are; free some space, or "
+            "resume on the number of processes that wrote it"
+        )
+
+
+def _nearly_full(path: Path) -> bool:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize < (1 << 20)  # under 1 MiB left: the write ran out of space
+
+
+def _run_stoppable(cmd: list[str], during: str) -> tuple[int, str]:
+    """Run `cmd` (exit code, stderr), stopping it when SIGTERM or Ctrl-C asks this process to stop: then this
+    process stops too (`preemption.stop_if_requested`: one line, 143/130). In a session of its own, so a Ctrl-C
+    to the terminal's process group does not end it midway with a traceback of its own."""
+    from sftdist import preemption
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    while True:
+        try:
+            stderr = proc.communicate(timeout=0.5)[1]
+            return proc.returncode, stderr
+        except subprocess.TimeoutExpired:
+            if preemption.stop_requested():
+                proc.terminate()
+                proc.communicate()
+                preemption.stop_if_requested(during)
 
 
 def unshare_optimizer_steps(zero_optimizer: Any) -> None:

@@ -122,7 +122,13 @@ def build_beside(dest: Path, replace: bool = False, shared_by: str | None = None
 def check_new_dir(dest: Path, what: str) -> None:
     """Refuse, before any work, a `dest` that `build_beside` could not fill: a file or a non-empty
     directory, a mount point (the final rename onto it fails with EBUSY), or a place this process
-    cannot write in (a read-only file system, no permission)."""
+    cannot write in (a read-only file system, no permission), or a symbolic link (the rename would
+    fail on it, or replace the link rather than fill what it points to)."""
+    if dest.is_symlink():
+        raise UserError(
+            f"{what} {dest}: is a symbolic link (to {os.readlink(dest)}), which the result (built beside it, then "
+            "renamed) cannot fill; pass the directory it points to, or a new one"
+        )
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise UserError(f"{what} {dest}: exists and is not empty; choose a new directory")
     if dest.is_dir() and os.path.ismount(dest):
@@ -130,6 +136,12 @@ def check_new_dir(dest: Path, what: str) -> None:
             f"{what} {dest}: is a mount point, which the result (built beside it, then renamed) cannot replace; "
             "choose a new directory inside it"
         )
+    check_writable_place(dest, what)
+
+
+def check_writable_place(dest: Path, what: str) -> None:
+    """Refuse a `dest` (file or directory) that this process cannot create: its nearest existing parent is
+    not a directory, not writable, or on a read-only file system."""
     parent = next(p for p in (dest.parent, *dest.parent.parents) if p.exists())
     if not (parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)):
         why = "not a directory" if not parent.is_dir() else "permission denied"

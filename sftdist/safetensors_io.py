@@ -23,10 +23,11 @@ PICKLE_SINGLE = "pytorch_model.bin"
 DTYPE_NAMES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
     "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",  # fp8 checkpoints (e.g. DeepSeek-V3, fp8 exports)
 }
 DTYPE_CODES = {v: k for k, v in DTYPE_NAMES.items()}
 DTYPE_SIZES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2,
-               "int8": 1, "uint8": 1, "bool": 1}
+               "int8": 1, "uint8": 1, "bool": 1, "float8_e4m3fn": 1, "float8_e5m2": 1}
 
 
 def _shards_from_index(index: Path) -> list[Path]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import sys
@@ -23,7 +24,8 @@ from typing import Any
 
 import yaml
 
-from sftdist.errors import UserError
+from sftdist import rundir
+from sftdist.errors import EXIT_PREEMPTED, UserError
 from sftdist.rundir import write_json_atomic
 
 # --size -> (max_length, rows per device per step) when not given: the demo's shape on CPU; on GPUs
@@ -93,9 +95,26 @@ def processes(o: Options, gpus: int) -> int:
     return o.num_processes or gpus or 1
 
 
-def plan_estimate(recipe_path: Path, o: Options, gpus: int) -> Any:
+def check_options(o: Options) -> None:
+    """What the command line gets wrong, refused before anything is built or written: flags that contradict
+    each other, a peak that is no number, and a --out that cannot be written (found only after the run else)."""
+    if o.strategy == "single" and o.num_processes not in (None, 1):
+        # Refused rather than honoured: "single" is one process; more need a strategy that says how they share it.
+        raise UserError(f"--num-processes {o.num_processes} with --strategy single (one process); "
+                        "choose --strategy ddp (or fsdp2, zero2, zero3) to run several")
+    if o.peak_tflops is not None and not math.isfinite(o.peak_tflops):
+        raise UserError(f"--peak-tflops {o.peak_tflops}: expected a finite number of TFLOP/s, e.g. 989")
+    if o.out:
+        out = Path(o.out).expanduser()
+        if out.is_dir():
+            raise UserError(f"--out {out}: is a directory; expected the path of the JSON report file")
+        rundir.check_writable_place(out, "--out")
+
+
+def plan_estimate(recipe_path: Path, o: Options, gpus: int, config_dir: Path | None = None) -> Any:
     """The planner's estimate for this recipe and strategy on this machine (for several CPU processes: an equal
-    share of the RAM each), or None where it has none; a UserError when it says the run does not fit."""
+    share of the RAM each), or None where it has none; a UserError when it says the run does not fit.
+    `config_dir`: the model's config alone, where its weights are not written yet."""
     import psutil
 
     from sftdist.plan import make_plan
@@ -109,7 +128,10 @@ def plan_estimate(recipe_path: Path, o: Options, gpus: int) -> Any:
         memory = smallest_gpu_memory(gpus)
     else:
         memory = psutil.virtual_memory().total // world
-    plan = make_plan(load_recipe(recipe_path), world, memory)
+    recipe = load_recipe(recipe_path)
+    if config_dir is not None:
+        recipe.model.name_or_path = str(config_dir)
+    plan = make_plan(recipe, world, memory)
     estimate = next((e for e in plan.estimates if e.strategy == o.strategy), None)  # none for ddp on one device
     if estimate is not None and plan.status(estimate) == "no":
         raise UserError(
@@ -144,16 +166,23 @@ def run_selftest(o: Options) -> dict[str, Any]:
     """Build (or reuse) the model, train and measure it, and return the report (also written to --out)."""
     from sftdist import random_model, selftest_rank
     from sftdist.launcher import build_launch, one_process_choice, run_launch, visible_gpus
+    from sftdist.model import check_local_weights
     from sftdist.throughput import PEAK_TFLOPS_ENV
 
     gpus = visible_gpus()
     o = dataclasses.replace(o, size=o.size or ("1b" if gpus else "tiny"))
+    check_options(o)
     if o.peak_tflops is not None:
         os.environ[PEAK_TFLOPS_ENV] = repr(o.peak_tflops)  # read by every process's throughput callback
     work = Path(o.work).resolve() if o.work else Path(tempfile.mkdtemp(prefix="sftdist-selftest-"))
     try:
         work.mkdir(parents=True, exist_ok=True)
         model = random_model.model_path(o.size, work / "models")  # a bad --size stops here
+        if (model / "config.json").is_file():
+            try:
+                check_local_weights(str(model))  # a --work folder whose weights were cut short since
+            except UserError as e:
+                raise UserError(f"--work {work}: {e}; delete {model} and selftest writes it again") from None
         recipe_path = write_recipe(o, model, work, bool(gpus))
         spec = {"recipe": str(recipe_path), "strategy": o.strategy, "baseline": o.baseline,
                 "warmup": warmup_steps(o.steps), "report": str(work / REPORT_FILE)}  # fmt: skip
@@ -166,8 +195,15 @@ def run_selftest(o: Options) -> dict[str, Any]:
                                   command=["selftest", "--worker", str(spec_path)])  # fmt: skip
             if launch.note:
                 print(f"sftdist: {launch.note}", flush=True)
+        # The plan before any weights are written (1b on a CPU would be 2.4 GB for nothing): from the config alone.
+        config_dir = None
+        if o.size == "tiny":
+            random_model.ensure_model(o.size, model)  # 2 MB: the plan reads it
+        elif not (model / "config.json").is_file():
+            config_dir = work / "configs" / model.name
+            random_model.write_config(o.size, config_dir)
+        estimate = plan_estimate(recipe_path, o, gpus, config_dir)
         random_model.ensure_model(o.size, model)
-        estimate = plan_estimate(recipe_path, o, gpus)
         if launch is None:
             selftest_rank.run(spec)
         elif code := run_launch(launch):
@@ -180,7 +216,7 @@ def run_selftest(o: Options) -> dict[str, Any]:
             **found,
             "memory": compare_memory(found["memory"], estimate),
         }  # fmt: skip
-        if o.baseline:
+        if o.baseline and "baseline" in report:  # none when a signal stopped the run
             ours, theirs = report["throughput"]["tokens_per_second"], report["baseline"]["tokens_per_second"]
             report["baseline"]["sftdist_over_trl_tokens_per_second"] = ours / theirs
         if o.out:
@@ -207,9 +243,11 @@ def format_table(r: dict[str, Any]) -> str:
     precision = f"{ran['autocast']} autocast" if ran["autocast"] else ran["compute_dtype"]
     mfu = f"{t['mfu']:.1%} of {t['peak_tflops']:g} TFLOP/s" if t["mfu"] is not None else f"- ({t['peak_source']})"
     row = f"{rec['train']['per_device_train_batch_size']} x {rec['data']['max_length']} tokens per device"
+    stopped = r.get("stopped_at_step")
+    steps = f"{s['steps']} steps" if stopped is None else f"STOPPED by a signal after {stopped} of {s['steps']} steps"
     lines = [
         f"sftdist selftest: {s['size']} {s['method']} on {dev['count']} x {dev['name']}, strategy {s['strategy']}, "
-        f"{s['steps']} steps of {row}",
+        f"{steps} of {row}" + ("" if stopped is None else " (partial figures)"),
         f"  tokens/s, all processes    {_num(t['tokens_per_second'])} (steps {t['measured_steps'][0]}-"
         f"{t['measured_steps'][1]}; {s['warmup_steps']} warm-up step(s) left out)",
         f"  tokens/s per device        {_num(t['tokens_per_second_per_device'])}",
@@ -249,6 +287,10 @@ def main(o: Options) -> None:
     print(format_table(report), flush=True)
     if o.out:
         print(f"  report                     {o.out}", flush=True)
+    if report.get("stopped_at_step") is not None:
+        print(f"sftdist selftest: stopped by a signal after step {report['stopped_at_step']} of {o.steps}; the figures "
+              "above are of that partial run", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_PREEMPTED)
     pc = report["packing_check"]  # None when the rows were not packed: then padding_free fails below
     failed = [what for what, ok in (("the packing check", pc is None or pc["passed"]),
                                     ("padding-free rows", (report["ran"]["batch"] or {}).get("padding_free"))) if not ok]

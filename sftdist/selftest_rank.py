@@ -194,6 +194,8 @@ def measure(recipe: Recipe, spec: dict[str, Any]) -> tuple[Any, Any, dict[str, A
         "packing_check": probes.packing_check(trainer),
         "allreduce": probes.allreduce_bandwidth(args.device, world) if world > 1 else None,
         "memory": memory,
+        # A signal (SIGTERM, Ctrl-C) stopped the run at this step: every figure above is of a partial run.
+        "stopped_at_step": trainer.state.global_step if trainer.preempted else None,
     }
     trainer.accelerator.free_memory()
     return tokenizer, data, found
@@ -207,7 +209,7 @@ def run(spec: dict[str, Any]) -> None:
     tokenizer, data, report = measure(recipe, spec)
     _release()
     report["memory"] = {"devices": _gather(report["memory"])}
-    if spec["baseline"]:
+    if spec["baseline"] and report["stopped_at_step"] is None:
         report["baseline"] = baseline(recipe, tokenizer, data, spec["warmup"])
         _release()
         report["baseline"]["memory"] = {"devices": _gather(report["baseline"]["memory"])}

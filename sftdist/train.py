@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sftdist import checkpoint, distributed, fast_head, packed_rows, preflight, seqpar, throughput
+from sftdist import checkpoint, distributed, fast_head, packed_rows, preemption, preflight, seqpar, throughput
 from sftdist.errors import EXIT_PREEMPTED, UserError
 from sftdist.recipe import Recipe, accumulation, train_kwargs, typed_train
 from sftdist.resume import data_fingerprint, planned
@@ -99,12 +99,13 @@ def run_training(recipe: Recipe, resume: bool = True, overwrite: bool = False) -
     """Train the recipe in this process (one rank of a launch) and return the final model directory."""
     from sftdist.data.cache import fingerprint_inputs
     from sftdist.data.pipeline import prepare
-    from sftdist.model import load_model, load_tokenizer
+    from sftdist.model import check_local_weights, load_model, load_tokenizer
 
     with distributed.reported_once():  # a refusal every rank makes alike is printed once per node
         # Every setting, before output_dir is touched; before the SFTConfig too, whose DeepSpeed ZeRO-3
         # config would make transformers build preflight's meta-device model as ZeRO-3 partitions.
         preflight.check_recipe(recipe)
+        check_local_weights(recipe.model.name_or_path)  # missing or cut short: one line, as `generate` gives
         args = build_sft_config(recipe)
         run_lock = checkpoint.lock_output_dir(recipe, args)  # rank 0: a second run on output_dir stops here
         tokenizer = functools.cache(lambda: load_tokenizer(recipe))
@@ -123,6 +124,7 @@ def run_training(recipe: Recipe, resume: bool = True, overwrite: bool = False) -
         model = load_model(recipe, tokenizer())
         trainer = build_trainer(recipe, args, tokenizer(), data, model)
         trainer.sftdist_facts = facts
+        preemption.stop_if_requested("before training")  # output_dir is claimed next: nothing there blocks a rerun
         resume_from = checkpoint.claim_output_dir(trainer, recipe, claim, data.report)
     state = distributed.verified_state(trainer)
     if trainer.is_world_process_zero():

@@ -316,3 +316,23 @@ def test_a_source_whose_every_sample_is_held_out_is_refused_by_name():
     assert None in outcomes
     for train, held in filter(None, outcomes):  # b's samples twice, the held-out one never
         assert len(held) == 1 and held[0] not in train and train == sorted([0] + [i for i in (1, 2, 3) if i != held[0]] * 2)
+
+
+def test_workers_bounded_by_the_chunks_and_the_cores(tmp_path, tiny_model, demo_rows, monkeypatch):
+    """data.num_proc: 40 forks no worker for a one-chunk source, and no more than the chunks left or the cores."""
+    import multiprocessing.pool
+
+    pools: list[int] = []
+    real_init = multiprocessing.pool.Pool.__init__
+
+    def counted(self, processes=None, *args, **kwargs):
+        pools.append(processes)
+        real_init(self, processes, *args, **kwargs)
+
+    monkeypatch.setattr(multiprocessing.pool.Pool, "__init__", counted)
+    one_chunk = _prepare(_recipe(tiny_model, demo_rows, tmp_path / "a", num_proc=40))
+    assert pools == [] and one_chunk.report.train_samples == 64
+    monkeypatch.setattr(load, "CHUNK_ROWS", 20)  # 4 chunks: the first encoded here, 3 left for workers
+    three_left = _prepare(_recipe(tiny_model, demo_rows, tmp_path / "b", num_proc=40))
+    assert pools == [min(3, len(os.sched_getaffinity(0)))]
+    assert three_left.entry.name == one_chunk.entry.name and _columns(three_left.train) == _columns(one_chunk.train)

@@ -737,6 +737,128 @@ def c33_train_before_the_model_is_built(d, ctx):
     return train(d, ctx, model="models/not-built-yet"), ("models/not-built-yet", *NO_HUB), no_hub(d)
 
 
+# --- round 3: what a third probe found ------------------------------------------------------------------
+@case
+def c35_export_out_is_a_symlink(d, ctx):
+    (d / "target").mkdir()
+    (d / "exported").symlink_to(d / "target")
+    return ["export", str(ctx.tiny), "--out", str(d / "exported")], ("--out", "exported", "symbolic link", "target")
+
+
+@case
+def c35_export_shard_shape_disagrees_with_config(d, ctx):
+    from safetensors.torch import load_file, save_file
+
+    model = copy_of(ctx.tiny, d, "model")
+    state = load_file(model / "model.safetensors")
+    state["model.layers.0.self_attn.q_proj.weight"] = state["model.layers.0.self_attn.q_proj.weight"][:64].clone()
+    save_file(state, model / "model.safetensors", metadata={"format": "pt"})
+    return ["export", str(model), "--out", str(d / "exported")], (
+        "model", "model.layers.0.self_attn.q_proj.weight", "(64, 128)", "config.json gives (128, 128)")
+
+
+@case
+def c35_generate_adapter_of_another_shape(d, ctx):
+    adapter = copy_of(ctx.adapter, d, "adapter")
+    base = ctx.narrow_llama(d)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(ctx.tiny / name, base / name)
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": str(base)}))
+    return ["generate", str(adapter), "--prompt", "hi"], (
+        "adapter/adapter_model.safetensors", "lora_A", "[4, 128]", "needs [4, 64]", "base_model_name_or_path")
+
+
+@case
+def c35_train_model_dir_with_truncated_weights(d, ctx):
+    model = copy_of(ctx.tiny, d, "model")
+    cut_short(model / "model.safetensors")
+    return train(d, ctx, model=model), ("model/model.safetensors", "not a whole safetensors file")
+
+
+@case
+def c35_train_model_dir_without_weights(d, ctx):
+    model = copy_of(ctx.tiny, d, "model")
+    (model / "model.safetensors").unlink()
+    return train(d, ctx, model=model), ("model", "no model weights found")
+
+
+LONE_SURROGATE = '{"instruction": "Say \\ud83d\\ude00 hi.", "context": "", "response": "Hi \\ud800 there."}'
+
+
+@case
+def c35_jsonl_lone_surrogate_escape(d, ctx):
+    return data_check(d, ctx, [GOOD, LONE_SURROGATE]), ("data.jsonl line 2", "lone surrogate")
+
+
+@case
+def c35_json_lone_surrogate_escape(d, ctx):
+    (d / "data.json").write_text(f"[{json.dumps(GOOD)}, {LONE_SURROGATE}]")
+    return data_check(d, ctx, name="data.json"), ("data.json row 2", "lone surrogate")
+
+
+@case
+def c35_launch_huge_global_batch(d, ctx):
+    """1e12 does not divide over 3 processes: the working counts are listed up to a bound, not searched to 1e12."""
+    argv = ["launch", train(d, ctx, global_batch_size=10**12)[1], "--strategy", "ddp", "--num-processes", "3", "--dry-run"]
+    return argv, ("recipe.yaml", "global_batch_size 1000000000000", "1, 2, 4, 5, 8", "1000, ...; got 3")
+
+
+@case
+def c35_finished_run_file_edited_by_hand(d, ctx):
+    from sftdist.checkpoint import recipe_yaml
+    from sftdist.recipe import load_recipe
+
+    argv = train(d, ctx)
+    run = d / "run"
+    (run / "final").mkdir(parents=True)
+    (run / "sftdist_recipe.yaml").write_text(recipe_yaml(load_recipe(argv[1])))
+    (run / "sftdist_run.json").write_text('{"distributed": "edited"')
+    return argv, ("run/sftdist_run.json", "not the run file sftdist wrote", "--no-resume")
+
+
+@case
+def c35_template_refusal_names_the_recipes_chat_template(d, ctx):
+    rows = [{"messages": [{"role": "user", "content": "2+2?"},
+                          {"role": "assistant", "content": "4", "reasoning_content": "add them"}]}]
+    return data_check(d, ctx, rows, data={"chat_template": "chatml"}), (
+        "data.jsonl line 1", "data.chat_template chatml does not render reasoning", "another that does")
+
+
+# --- selftest: its command line, --out, --work and --size checked before anything is written ---------------
+@case
+def c35_selftest_num_processes_under_single(d, ctx):
+    return ["selftest", "--num-processes", "2"], ("--num-processes 2", "--strategy single", "--strategy ddp")
+
+
+@case
+def c35_selftest_peak_tflops_nan(d, ctx):
+    return ["selftest", "--peak-tflops", "nan"], ("--peak-tflops nan", "finite number")
+
+
+@case
+def c35_selftest_out_on_read_only_file_system(d, ctx):
+    argv = ["selftest", "--steps", "2", "--out", str(d / "ro" / "reports" / "r.json")]
+    return Mounted(argv, d / "ro", read_only=True), ("--out", "ro/reports/r.json", "read-only file system")
+
+
+@case
+def c35_selftest_config_with_invalid_fields(d, ctx):
+    config = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 1,
+              "num_attention_heads": 0}  # fmt: skip
+    (d / "cfg").mkdir()
+    (d / "cfg" / "config.json").write_text(json.dumps(config))
+    return ["selftest", "--size", str(d / "cfg" / "config.json")], ("config cfg-", "not a config transformers knows")
+
+
+@case
+def c35_selftest_work_with_truncated_weights(d, ctx):
+    shutil.copytree(ctx.tiny, d / "work" / "models" / "tiny")
+    cut_short(d / "work" / "models" / "tiny" / "model.safetensors")
+    return ["selftest", "--work", str(d / "work")], (
+        "--work", "models/tiny/model.safetensors", "not a whole safetensors file", "selftest writes it again")
+
+
 # --- a run that succeeds with dropped rows: one warning line per source, with counts -----------------
 def dropped_rows_run(d: Path, ctx: Ctx) -> list[str]:
     empty = jsonl(d / "some-empty.jsonl", [GOOD, {**GOOD, "response": ""}, GOOD, {**GOOD, "response": " "}, {**GOOD, "response": ""}])

@@ -422,3 +422,29 @@ def test_qlora_merge_stays_on_the_device_it_names_where_cuda_is_visible(llama: P
         result = merge_adapter(str(llama), str(qlora), str(tmp_path / "merged"), device="cpu")
     assert result.verification.startswith("passed") and "dequantized 4-bit base + adapter" in result.verification
     assert mode.seen == {"cpu", "meta"}  # meta: the layout, read from a model built without storage
+
+
+def test_base_with_fp8_tensors_merges_and_keeps_them(llama: Path, tmp_path: Path):
+    """A base holding F8_E4M3 and F8_E5M2 tensors (fp8 checkpoints): the shard writer reads and writes them as they are."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    base = tmp_path / "fp8-base"
+    shutil.copytree(llama, base)
+    fp8 = {}
+    for f in sorted(base.glob("*.safetensors")):
+        state = load_file(f)
+        for name in state:
+            if name.endswith(("mlp.up_proj.weight", "mlp.down_proj.weight")):
+                dtype = torch.float8_e4m3fn if "up_proj" in name else torch.float8_e5m2
+                state[name] = fp8[name] = state[name].to(dtype)
+        save_file(state, f, metadata={"format": "pt"})
+    assert len(fp8) == 4
+    adapter = _make_adapter(AutoModelForCausalLM.from_pretrained(llama), tmp_path / "lora", target_modules=["q_proj"])
+    out = tmp_path / "merged"
+    r = run_cli("merge-adapter", "--base", str(base), "--adapter", str(adapter), "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    merged = _tensors(out)
+    for name, tensor in fp8.items():
+        assert merged[name].dtype == tensor.dtype and merged[name].view(torch.uint8).equal(tensor.view(torch.uint8)), name
+    assert not merged["model.layers.0.self_attn.q_proj.weight"].equal(_tensors(llama)["model.layers.0.self_attn.q_proj.weight"])

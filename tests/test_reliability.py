@@ -183,6 +183,35 @@ def test_signal_during_loading_saves_at_the_first_step_and_exits_75(tmp_path, ti
     assert checkpoint.complete_checkpoints(run) == [run / "checkpoint-1"] and not (run / "final").exists()
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_during_the_data_build_of_a_launch_stops_every_rank_and_blocks_no_rerun(tmp_path, tiny_model, sig):
+    """Before, rank 0 died in a broadcast (a gloo traceback), the launcher said 75 with no checkpoint saved, and
+    the recipe it had written into output_dir refused a changed recipe. Now: 143/130, one line, nothing written."""
+    raw = raw_recipe(tiny_model, str(tmp_path / "run"), max_steps=1)
+    raw["data"] = {**raw["data"], "train": [{"path": str(DEMO)}], "cache_dir": str(tmp_path / "cache")}  # 4300 rows
+    r = write_recipe(tmp_path / "r.yaml", raw)
+    proc = subprocess.Popen([sys.executable, "-m", "sftdist", "launch", str(r), "--strategy", "ddp",
+                             "--num-processes", "2"], cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.time() + 300
+    for line in proc.stdout:  # rank 1 waits while rank 0 builds the data cache
+        if "waiting for the data cache" in line:
+            proc.send_signal(sig)
+            break
+        assert time.time() < deadline
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + sig, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines == [f"sftdist launch: stopped by {sig.name} before this launch saved a checkpoint; run the same "
+                     "command again"], stderr[-3000:]
+    assert not (tmp_path / "run").exists()
+    assert not [p for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")]  # no partial entry
+    changed = write_recipe(tmp_path / "r2.yaml", {**raw, "data": {**raw["data"], "train": [{"path": str(DEMO), "limit": 40}]}})
+    rerun = run_cli("train", str(changed))
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert (tmp_path / "run" / "final").is_dir()
+
+
 # --- 7. a full disk while checkpointing -----------------------------------------------------------------------
 def test_full_disk_during_a_checkpoint_is_one_line_and_nothing_is_complete(tmp_path, tiny_model, monkeypatch):
     import torch

@@ -289,3 +289,77 @@ def test_universal_conversion_is_atomic_and_done_once(tmp_path, tmp_path_factory
     victim = universal / "zero" / "model.norm.weight" / "fp32.pt"
     victim.write_bytes(victim.read_bytes()[:10])
     assert to_universal(ckpt) is not None and rundir.check_manifest(universal) is None
+
+
+# One conversion in a process of its own, as a resumed rank 0 runs it: a user error is one line, exit 2.
+CONVERT = """
+import sys
+from pathlib import Path
+from sftdist import preemption
+from sftdist.errors import UserError
+from sftdist.resume import to_universal
+preemption.install()
+ckpt = Path(sys.argv[1])
+try:
+    to_universal(ckpt)
+except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    print("kept" if (ckpt / "global_step2_universal" / "stale.pt").is_file() else "deleted")
+    sys.exit(2)
+"""
+
+
+def test_sigterm_during_the_universal_conversion_is_one_line_and_leaves_no_conversion(tmp_path, tmp_path_factory,
+                                                                                    tiny_model, demo_rows):
+    """Before: 40 lines of the converter's traceback, then exit 75 though nothing was saved."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    ckpt = tmp_path / "checkpoint-2"
+    shutil.copytree(trained(tmp_path_factory, tiny_model, demo_rows, "full", "zero2") / "checkpoint-2", ckpt)
+    proc = subprocess.Popen([sys.executable, "-c", CONVERT, str(ckpt)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.time() + 120
+    while not list(ckpt.glob(".global_step2_universal.partial-*")):  # the converter has started
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-3000:]
+    assert stderr.strip().splitlines() == [
+        f"sftdist: stopped by SIGTERM while converting {ckpt}/global_step2 to a universal checkpoint, before training "
+        "began; nothing of it was saved: run the same command again"]
+    assert not list(ckpt.glob(".global_step2_universal*")) and not (ckpt / "global_step2_universal").exists()
+
+
+def test_too_little_space_to_convert_is_one_line_before_anything_is_deleted(tmp_path, tmp_path_factory, tiny_model,
+                                                                           demo_rows):
+    """Before: 84 lines, exit 1, with free space checked only after the partial copy was deleted. Here the checkpoint
+    lies on a file system (a tmpfs of this test's own) with room for half of its conversion."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    src = trained(tmp_path_factory, tiny_model, demo_rows, "full", "zero2") / "checkpoint-2"
+    stale = tmp_path / "stale.pt"  # a damaged earlier conversion (no manifest): rebuilt, so deleted, if space allows
+    stale.write_bytes(b"half")
+    total = sum(f.stat().st_size for f in src.rglob("*") if f.is_file())
+    zero = sum(f.stat().st_size for f in (src / "global_step2").rglob("*") if f.is_file())
+    size_kib = (total + zero // 2) // 1024 + 64
+    fs = tmp_path / "fs"
+    fs.mkdir()
+    script = ('mount -t tmpfs -o size=$1k tmpfs "$0" && cp -r "$2" "$0/checkpoint-2" && '
+              'mkdir "$0/checkpoint-2/global_step2_universal" && cp "$3" "$0/checkpoint-2/global_step2_universal/" && '
+              'exec "$4" -c "$5" "$0/checkpoint-2"')
+    proc = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, str(fs),
+                           str(size_kib), str(src), str(stale), sys.executable, CONVERT],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "converting its ZeRO checkpoint to universal" in lines[0] and "GiB free" in lines[0], lines
+    assert proc.stdout.strip() == "kept"

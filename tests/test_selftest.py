@@ -233,6 +233,8 @@ def test_selftest_processes_run_under_accelerate_launch(tmp_path, tiny_model, de
         (["--size", "3b"], "error: --size 3b: expected one of tiny, 125m, 1b, 8b or the path of a config.json"),
         (["--size", "nowhere/config.json"], "error: --size nowhere/config.json: file not found"),
         (["--strategy", "ddp"], "error: --strategy ddp: no GPU is visible; pass --num-processes N"),
+        # Refused by the plan from the config alone, before 16 GB of weights are written (TBs of activations).
+        (["--size", "8b", "--batch", "64", "--max-length", "8192"], "error: selftest 8b full under single: `sftdist plan`"),
     ],
 )
 def test_user_mistakes_are_one_line(tmp_path, args, message):
@@ -241,3 +243,34 @@ def test_user_mistakes_are_one_line(tmp_path, args, message):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(message), proc.stderr
     assert not list((tmp_path / "work").glob("models/*"))  # nothing built
+
+
+def test_a_stopped_selftest_is_reported_as_stopped(tmp_path):
+    """SIGTERM mid-run: the table says how many steps ran and that its figures are partial, exit 75."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+    from sftdist.errors import EXIT_PREEMPTED
+
+    out = tmp_path / "report.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sftdist", "selftest", "--steps", "400", "--out", str(out), "--work", str(tmp_path / "w")],
+        cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.time() + 300
+    for line in proc.stdout:
+        if "'loss'" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+        assert time.time() < deadline
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_PREEMPTED, stderr[-3000:]
+    report = json.loads(out.read_text())
+    stopped = report["stopped_at_step"]
+    assert 1 <= stopped < 400
+    assert f"STOPPED by a signal after {stopped} of 400 steps" in stdout and "(partial figures)" in stdout
+    assert f"stopped by a signal after step {stopped} of 400" in stderr and "Traceback" not in stderr

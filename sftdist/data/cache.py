@@ -291,7 +291,6 @@ def _wait_for(entry: Path) -> Path:
     import psutil
 
     from sftdist import preemption
-    from sftdist.errors import EXIT_PREEMPTED
 
     rank = os.environ.get("RANK", "?")
     failure = entry.parent / f"{entry.name}.error"
@@ -301,8 +300,7 @@ def _wait_for(entry: Path) -> Path:
     while not verify(entry):
         if failure.is_file() and failure.stat().st_mtime >= born:
             raise UserError(failure.read_text(encoding="utf-8"), shown_elsewhere=True)
-        if preemption.requested():
-            raise SystemExit(EXIT_PREEMPTED)
+        preemption.stop_if_requested("while waiting for the data cache")
         time.sleep(0.5)
         if time.monotonic() - last > 60:
             last = time.monotonic()

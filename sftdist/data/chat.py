@@ -25,7 +25,11 @@ from sftdist.data.formats import Example
 from sftdist.data.templates import CHAT_TEMPLATES, training_families, training_template
 from sftdist.errors import UserError
 
-FIX = "set data.chat_template to one that does (a model family such as qwen2_5, or a .jinja file)"
+FIX = "set data.chat_template to one that does (chatml, a model family such as qwen2_5, or a .jinja file)"
+
+# Templates the recipe chose (data.chat_template) -> the setting, so that a refusal names what the recipe set.
+_CHOSEN: dict[str, str] = {}
+_CHOSEN_NAME = "data.chat_template "  # how a refusal names one of them
 
 # (tokenizer, chat template) -> (template whose markers give the mask, or None for prefix rendering; its name)
 _MASK_TEMPLATES: dict[tuple[str, str], tuple[str | None, str]] = {}
@@ -47,6 +51,21 @@ def set_chat_template(tokenizer: Any, setting: str | None, where: str) -> None:
         if not path.is_file():
             raise UserError(f"{where}: data.chat_template file {setting} does not exist")
         tokenizer.chat_template = path.read_text(encoding="utf-8")
+    _CHOSEN[_template(tokenizer)] = setting
+
+
+def _fix(name: str) -> str:
+    """What to do about a template that cannot train these rows: choose one, or another than the recipe's."""
+    if not name.startswith(_CHOSEN_NAME):
+        return FIX
+    chosen = name.removeprefix(_CHOSEN_NAME)
+    if chosen in CHAT_TEMPLATES:
+        others = "a model family such as qwen2_5, or a .jinja file"
+    elif chosen in training_families():
+        others = "chatml, another model family, or a .jinja file"
+    else:
+        others = "chatml, a model family such as qwen2_5, or another .jinja file"
+    return f"set data.chat_template to another that does ({others})"
 
 
 def _template(tokenizer: Any) -> str:
@@ -63,7 +82,8 @@ def mask_template(tokenizer: Any) -> tuple[str | None, str]:
     key = (tokenizer.name_or_path, tpl)
     if key in _MASK_TEMPLATES:
         return _MASK_TEMPLATES[key]
-    own = f"the chat template of {tokenizer.name_or_path or 'the tokenizer'}"
+    chosen = _CHOSEN.get(tpl)
+    own = f"{_CHOSEN_NAME}{chosen}" if chosen else f"the chat template of {tokenizer.name_or_path or 'the tokenizer'}"
     if has_generation_markers(tpl):
         found: tuple[str | None, str] = (tpl, own)
     else:
@@ -87,7 +107,7 @@ def _render(tokenizer: Any, ex: Example, n: int, tpl: str | None, gen_prompt: bo
 def _not_prefix_stable(where: str, name: str) -> UserError:
     return UserError(
         f"{where}: {name} does not render conversations prefix by prefix, so assistant turns cannot be "
-        "located; use a template with {% generation %} markers, a model family (e.g. qwen3) or chatml in data.chat_template"
+        f"located; {_fix(name)}"
     )
 
 
@@ -144,7 +164,7 @@ def _check_rendered(ex: Example, full: str, name: str, where: str) -> None:
         found = [at(text, start) for _, text in wanted]
         missing = next((w for w, pos in zip(wanted, found) if pos < 0), None)
         if missing:
-            raise UserError(f"{where}: {name} does not render {missing[0]} ({missing[1]!r} is missing); {FIX}")
+            raise UserError(f"{where}: {name} does not render {missing[0]} ({missing[1]!r} is missing); {_fix(name)}")
         return found
 
     check([("tools", t["function"]["name"]) for t in ex.tools or []], 0)
@@ -203,10 +223,10 @@ def encode_chat(
             spans = _spans(tokenizer, ex, [i for i in assistant if loss[i]], tpl, full, name, where, cut, whole=False)
             mask = [1 if any(s <= a < e for s, e in spans) else 0 for a, _ in offsets[:keep]]
     except TemplateError as e:
-        raise UserError(f"{where}: {name} cannot render this conversation ({e}); {FIX}") from None
+        raise UserError(f"{where}: {name} cannot render this conversation ({e}); {_fix(name)}") from None
     if keep == len(ids) and not any(t in stop_ids for t, m in zip(ids, mask) if m):
         raise UserError(
             f"{where}: {name} ends assistant turns without the EOS token {tokenizer.eos_token!r}, so the model "
-            "would never learn to stop; use data.chat_template: chatml or a model family"
+            f"would never learn to stop; {_fix(name)}"
         )
     return ids, mask

@@ -13,6 +13,7 @@ read as UTF-8.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -23,6 +24,20 @@ from sftdist.errors import UserError
 from sftdist.recipe import SourceConfig
 
 BOM = b"\xef\xbb\xbf"
+# A JSON escape of a UTF-16 surrogate: valid in pairs, but one alone decodes to text that is not Unicode.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _check_unicode(row: Any, where: str) -> None:
+    """A lone surrogate escape ("\\ud800" without its partner) parses, then fails the tokenizer deep in
+    the data build; the row is named here instead (called only for text holding such an escape)."""
+    try:
+        json.dumps(row, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(
+            f"{where}: text holds a lone surrogate escape (a \\ud800-\\udfff without its pair), which is not valid "
+            "Unicode; fix or remove the row"
+        ) from None
 
 
 @dataclass
@@ -58,6 +73,8 @@ def _iter_jsonl(path: Path, chunk_rows: int) -> Iterator[Rows]:
             raise UserError(f"{path} line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(obj, dict):
             raise UserError(f"{path} line {n}: expected a JSON object, got {type(obj).__name__}")
+        if _SURROGATE_ESCAPE.search(line):
+            _check_unicode(obj, f"{path} line {n}")
         rows.append(obj)
         labels.append(f"line {n}")
         if len(rows) == chunk_rows:
@@ -85,9 +102,12 @@ def _read_json(path: Path) -> Rows:
         obj = lists[0] if len(obj) == 1 and lists and not is_row(obj) else [obj]
     if not isinstance(obj, list):
         raise UserError(f"{path}: expected a JSON list of objects, got {type(obj).__name__}")
+    escapes = _SURROGATE_ESCAPE.search(text) is not None
     for i, row in enumerate(obj, start=1):
         if not isinstance(row, dict):
             raise UserError(f"{path} row {i}: expected a JSON object, got {type(row).__name__}")
+        if escapes:
+            _check_unicode(row, f"{path} row {i}")
     return Rows(str(path), obj, [f"row {i}" for i in range(1, len(obj) + 1)])
 
 

@@ -14,6 +14,7 @@ Arrow file at once, and mixing, splitting and packing work on Arrow tables and i
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import os
 import time
@@ -29,6 +30,7 @@ from sftdist.data.formats import SELECT_FORMATS, render_rows
 from sftdist.data.load import iter_source
 from sftdist.data.mix import split_and_weight
 from sftdist.data.notices import source_warnings
+from sftdist import preemption
 from sftdist.errors import UserError
 from sftdist.recipe import Recipe, SourceConfig
 
@@ -165,6 +167,11 @@ def source_format(src: SourceConfig, detected: str) -> str:
     return src.format if src.format in SELECT_FORMATS else detected
 
 
+def _cores() -> int:
+    """The cores this process may run on (its affinity, e.g. a slurm allocation's, not the machine's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _encoded_chunks(src: SourceConfig, recipe: Recipe, encoder: Encoder) -> Any:
     """Encoded chunks of one source, in file order: the first here (it decides the layout), the rest
     in `data.num_proc` worker processes when asked."""
@@ -174,8 +181,12 @@ def _encoded_chunks(src: SourceConfig, recipe: Recipe, encoder: Encoder) -> Any:
     first = _encode_chunk(next(chunks), src.format, recipe, encoder)  # chat rows without a template: data/chat.py
     yield first
     fmt = source_format(src, first.format)
-    procs = recipe.data.num_proc or 1
-    if procs == 1:
+    # No more workers than the cores, nor than chunks left: a one-chunk source forks none.
+    procs = min(recipe.data.num_proc or 1, _cores())
+    ahead = list(itertools.islice(chunks, procs))  # the pool's feeder would read these at once anyway
+    chunks = itertools.chain(ahead, chunks)
+    procs = min(procs, len(ahead))
+    if procs <= 1:
         yield from (_encode_chunk(c, fmt, recipe, encoder) for c in chunks)
         return
     # fork: the workers inherit the encoder (and its tokenizer) instead of unpickling one each;
@@ -202,6 +213,7 @@ def _encode_source(
     start, writer = time.perf_counter(), None
     try:
         for done in _encoded_chunks(src, recipe, encoder):
+            preemption.stop_if_requested("while preparing the data")  # the partial entry is removed on the way out
             if report is None:
                 report = SourceReport(done.where, role, source_format(src, done.format), done.format)
             report.rows += done.rows
