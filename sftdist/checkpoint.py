@@ -32,7 +32,7 @@ import yaml
 
 from sftdist import distributed, divergence, lock, preemption, prompt_style, rundir
 from sftdist.errors import UserError
-from sftdist.recipe import Recipe, run_identity
+from sftdist.recipe import Recipe, recipe_from_dict, run_identity
 from sftdist.rundir import (
     CHECKPOINT_RE,
     COMPLETE_MARKER,
@@ -72,7 +72,13 @@ def _same_recipe(recipe: Recipe, saved: Path) -> bool:
         if not saved.is_file():
             return False
         raw = yaml.safe_load(saved.read_text(encoding="utf-8"))
-        return isinstance(raw, dict) and run_identity(raw) == run_identity(recipe.to_dict())
+        if not isinstance(raw, dict):
+            return False
+        try:  # with this version's defaults filled in: a key added since the run started changes nothing
+            raw = recipe_from_dict(raw, source=str(saved)).to_dict()
+        except UserError:
+            return False
+        return run_identity(raw) == run_identity(recipe.to_dict())
     except (yaml.YAMLError, UnicodeDecodeError):
         raise UserError(f"{saved}: is not a valid recipe file; pass --overwrite to replace this output_dir") from None
 

@@ -193,6 +193,25 @@ def test_data_is_identified_by_its_content(tmp_path, tmp_path_factory, tiny_mode
                     "over")
 
 
+def test_a_run_saved_before_a_recipe_key_existed_resumes(tmp_path, tmp_path_factory, tiny_model, demo_rows):
+    """The run's saved recipe as an older sftdist wrote it, without keys added since (save_dtype, eval_tasks,
+    lora.target_parameters): it is compared with this version's defaults filled in, so it is the same run."""
+    from conftest import decide
+    from sftdist.recipe import load_recipe
+
+    run = trained(tmp_path_factory, tiny_model, demo_rows, "full", "ddp")
+    copy = tmp_path / "copy"
+    recipe = stopped_at(run, run.parent / "recipe.yaml", copy, 2)
+    saved = copy / "sftdist_recipe.yaml"
+    raw = yaml.safe_load(saved.read_text())
+    for key in ("save_dtype", "eval_tasks"):
+        assert key in raw, key
+        del raw[key]
+    del raw["lora"]["target_parameters"]
+    saved.write_text(yaml.safe_dump(raw))
+    assert decide(load_recipe(recipe)).action == "resume"
+
+
 def test_changed_eval_data_resumes_with_a_warning_and_an_older_encoding_is_refused(tmp_path, tmp_path_factory,
                                                                                     tiny_model, demo_rows):
     """A run with a separate eval file (its checkpoint's marker as `sftdist train` writes it for that recipe):
