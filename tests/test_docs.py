@@ -96,7 +96,7 @@ def test_readme_figures_match_the_code() -> None:
     assert "--signal=USR1@300" in sbatch and "300 s before" in text
     for code in (0, 1, EXIT_USER_ERROR, EXIT_PREEMPTED, 130, 143):
         assert re.search(rf"\b{code}\b", text.split("Exit codes:", 1)[1].split("##", 1)[0]), code
-    assert "97-99%" in text
+    assert "96-99%" in text  # the demo's measured range (docs/install.md)
 
 
 def test_makefile_passes_a_torch_index_only_when_given(tmp_path: Path) -> None:
