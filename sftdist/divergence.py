@@ -57,8 +57,12 @@ def check_step(trainer: Any, tr_loss: Any, grad_norm: Any) -> None:
 
 
 def _local_parts(model: Any) -> Iterator[tuple[str, Any]]:
-    """Each parameter's part held by this rank: a ZeRO-3 partition, an FSDP2 shard, or the whole tensor."""
+    """Each trained parameter's part held by this rank: a ZeRO-3 partition, an FSDP2 shard, or the whole tensor.
+    Frozen weights are left out: the optimizer never changes them, and QLoRA stores its packed 4-bit bytes in a
+    float dtype under ZeRO-3/FSDP2, where any byte pattern (a NaN's too) is valid."""
     for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
         part = getattr(p, "ds_tensor", None)
         if part is None:
             part = p.to_local() if hasattr(p, "to_local") else p

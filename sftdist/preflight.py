@@ -74,6 +74,9 @@ TRAIN_RANGES = {
 }
 
 
+MIN_RANK_LIMIT = 1024  # the largest lora.r refused on no model, however narrow
+
+
 def check_values(recipe: Recipe) -> None:
     """Ranges that the libraries accept silently and fail on (or train wrongly with) later."""
     src = recipe.source or "recipe"
@@ -187,8 +190,10 @@ def check_recipe(recipe: Recipe) -> None:
     if recipe.method == "qlora":
         unquantized_modules_of(recipe)  # counted now, before a ZeRO-3 SFTConfig exists (see there)
     if recipe.method in ("lora", "qlora"):
+        # A rank above a layer's width adds nothing; tiny test models (hidden 2) still take the usual ranks.
         hidden = getattr(config.get_text_config(), "hidden_size", None)
-        if isinstance(hidden, int) and recipe.lora.r > hidden:
-            raise UserError(f"{recipe.source}: lora.r is {recipe.lora.r}; expected at most the model's hidden size "
-                            f"{hidden} (a rank above a layer's width adds nothing), e.g. 16")
+        limit = max(hidden, MIN_RANK_LIMIT) if isinstance(hidden, int) else None
+        if limit is not None and recipe.lora.r > limit:
+            raise UserError(f"{recipe.source}: lora.r is {recipe.lora.r}; expected at most {limit} (a rank above the "
+                            f"model's hidden size {hidden} adds nothing), e.g. 16")
         with_lora(meta_model(recipe)[1], recipe)  # peft's own matching, on the meta device

@@ -75,7 +75,10 @@ selftest "$size-lora" --size "$size" --method lora --max-length "$max_length"
 one_process() { # the recipe of step 5; the pinned GPU where several are visible, else nothing to pin
     "$python" -m sftdist launch "$recipe" --strategy single --dry-run
 }
-model=$(ls -d "$work"/models/"$size"* 2>/dev/null | head -n 1 || true)
+model=""
+for found in "$work"/models/"$size"*; do # the selftest's model of this size, if it wrote one
+    if [ -e "$found" ]; then model=$found; break; fi
+done
 recipe=$out/qlora-merge.yaml
 cat >"$recipe" <<YAML
 model: {name_or_path: "$model"}
