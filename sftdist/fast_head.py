@@ -92,8 +92,6 @@ def row_spans(position_ids: Any, row_length: int) -> list[tuple[int, int]]:
 
 def backbone(model: Any, row_length: int, **kwargs: Any) -> Any:
     """The backbone's last hidden states, [batch, length, hidden], with a flat packed row run as several rows."""
-    import torch
-
     kwargs["use_cache"] = False  # the cache would let packed samples attend to each other
     ids, pos = kwargs.get("input_ids"), kwargs.get("position_ids")
     flat = (
@@ -105,15 +103,24 @@ def backbone(model: Any, row_length: int, **kwargs: Any) -> Any:
         return model.base_model(**kwargs).last_hidden_state
     for key in VARLEN_KEYS:
         kwargs.pop(key, None)
+    rows_ids, rows_pos, back = regroup(ids, pos, spans)
+    hidden = model.base_model(**{**kwargs, "input_ids": rows_ids, "position_ids": rows_pos}).last_hidden_state
+    return hidden.reshape(-1, hidden.shape[-1])[back].unsqueeze(0)
+
+
+def regroup(ids: Any, pos: Any, spans: list[tuple[int, int]]) -> tuple[Any, Any, Any]:
+    """The flat row's `spans` (row_spans) as rows of their own, padded to the longest, and the index that takes
+    the rows' flattened outputs back to the flat row's order."""
+    import torch
+
     width = max(b - a for a, b in spans)
     rows_ids = ids.new_zeros(len(spans), width)
     rows_pos = pos.new_zeros(len(spans), width)  # padding: position 0 each, so each pad token is its own sample
     for r, (a, b) in enumerate(spans):
         rows_ids[r, : b - a] = ids[0, a:b]
         rows_pos[r, : b - a] = pos[0, a:b]
-    hidden = model.base_model(**{**kwargs, "input_ids": rows_ids, "position_ids": rows_pos}).last_hidden_state
-    back = torch.cat([torch.arange(b - a) + r * width for r, (a, b) in enumerate(spans)])
-    return hidden.reshape(-1, hidden.shape[-1])[back].unsqueeze(0)
+    back = torch.cat([torch.arange(b - a, device=ids.device) + r * width for r, (a, b) in enumerate(spans)])
+    return rows_ids, rows_pos, back
 
 
 def loss_positions_head(model: Any, hidden: Any, targets: Any, num_items_in_batch: Any) -> Any:

@@ -37,9 +37,7 @@ def regrouped_forward(forward: Callable[..., Any], row_length: int) -> Callable[
     of at most `row_length` tokens, and returning the last hidden states in the flat order."""
 
     def run(self: Any, *args: Any, **kwargs: Any) -> Any:
-        import torch
-
-        from sftdist.fast_head import VARLEN_KEYS, row_spans
+        from sftdist.fast_head import VARLEN_KEYS, regroup, row_spans
 
         ids, pos = kwargs.get("input_ids"), kwargs.get("position_ids")
         flat = not args and ids is not None and pos is not None and ids.shape[0] == 1 and kwargs.get(
@@ -49,14 +47,8 @@ def regrouped_forward(forward: Callable[..., Any], row_length: int) -> Callable[
             return forward(*args, **kwargs)
         for key in VARLEN_KEYS:
             kwargs.pop(key, None)
-        width = max(b - a for a, b in spans)
-        rows_ids = ids.new_zeros(len(spans), width)
-        rows_pos = pos.new_zeros(len(spans), width)  # padding: position 0 each, so each pad token is its own sample
-        for r, (a, b) in enumerate(spans):
-            rows_ids[r, : b - a] = ids[0, a:b]
-            rows_pos[r, : b - a] = pos[0, a:b]
+        rows_ids, rows_pos, back = regroup(ids, pos, spans)
         out = forward(**{**kwargs, "input_ids": rows_ids, "position_ids": rows_pos, "use_cache": False})
-        back = torch.cat([torch.arange(b - a, device=ids.device) + r * width for r, (a, b) in enumerate(spans)])
         hidden = out.last_hidden_state
         out.last_hidden_state = hidden.reshape(-1, hidden.shape[-1])[back].unsqueeze(0)
         return out
