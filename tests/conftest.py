@@ -94,3 +94,15 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
         text=True,
         timeout=timeout,
     )
+
+
+def signal_at_first_loss(proc: "subprocess.Popen", signum: int, timeout: int = 300) -> None:
+    """Send `signum` to `proc` (text stdout) once it logs its first loss: a stop in the middle of training."""
+    import time
+
+    deadline = time.time() + timeout
+    for line in proc.stdout:
+        if "'loss'" in line:
+            proc.send_signal(signum)
+            return
+        assert time.time() < deadline

@@ -15,7 +15,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
@@ -23,7 +22,7 @@ from typing import Any, Callable
 import pytest
 import yaml
 
-from conftest import GPT2_TINY, REPO, run_cli
+from conftest import GPT2_TINY, REPO, run_cli, signal_at_first_loss
 from sftdist.errors import EXIT_PREEMPTED
 from sftdist.rundir import COMPLETE_MARKER, write_manifest
 
@@ -935,12 +934,7 @@ def test_ctrl_c_leaves_only_complete_checkpoints(tmp_path, tiny_model):
         [sys.executable, "-m", "sftdist", "train", r],
         cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
-    deadline = time.time() + 300
-    for line in proc.stdout:
-        if "'loss'" in line:
-            proc.send_signal(signal.SIGINT)
-            break
-        assert time.time() < deadline
+    signal_at_first_loss(proc, signal.SIGINT)
     rest = proc.stdout.read()
     assert proc.wait(timeout=300) == EXIT_PREEMPTED, rest[-3000:]
     assert "Traceback" not in rest and "run the same command again to resume" in rest

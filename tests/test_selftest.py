@@ -251,9 +251,8 @@ def test_a_stopped_selftest_is_reported_as_stopped(tmp_path):
     import signal
     import subprocess
     import sys
-    import time
 
-    from conftest import REPO
+    from conftest import REPO, signal_at_first_loss
     from sftdist.errors import EXIT_PREEMPTED
 
     out = tmp_path / "report.json"
@@ -261,12 +260,7 @@ def test_a_stopped_selftest_is_reported_as_stopped(tmp_path):
         [sys.executable, "-m", "sftdist", "selftest", "--steps", "400", "--out", str(out), "--work", str(tmp_path / "w")],
         cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    deadline = time.time() + 300
-    for line in proc.stdout:
-        if "'loss'" in line:
-            proc.send_signal(signal.SIGTERM)
-            break
-        assert time.time() < deadline
+    signal_at_first_loss(proc, signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == EXIT_PREEMPTED, stderr[-3000:]
     report = json.loads(out.read_text())
