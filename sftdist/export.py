@@ -178,6 +178,8 @@ def _write_full_model(ckpt: Path, kind: str, tmp: Path, max_shard_size: str) -> 
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+    from sftdist.model import model_class
+
     config = AutoConfig.from_pretrained(ckpt)
     state = consolidated_state_dict(ckpt, kind)
     check_finite(ckpt, state)
@@ -193,8 +195,7 @@ def _write_full_model(ckpt: Path, kind: str, tmp: Path, max_shard_size: str) -> 
     # by one) into the in-memory one (fused experts) with its conversion mapping; ZeRO/FSDP shards hold the
     # in-memory names, which pass through. The weights keep their dtype (ZeRO's are the fp32 masters).
     dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
-    model_class = AutoModelForCausalLM._model_mapping[type(config)]
-    model, info = model_class.from_pretrained(None, config=config, state_dict=state, dtype=dtype, output_loading_info=True)
+    model, info = model_class(config).from_pretrained(None, config=config, state_dict=state, dtype=dtype, output_loading_info=True)
     missing, unexpected = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
     if missing or unexpected:
         raise UserError(f"{ckpt}: weights do not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]})")
